@@ -1,0 +1,234 @@
+//! `gpt2`: tokenize and generate from the command line, with the same schema and engine as the
+//! HTTP service, so that both give the same answer.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use gpt2_engine::{EngineError, GenerationRequest, ModelSource, Pipeline};
+use gpt2_tokenizer::Gpt2Tokenizer;
+use serde_json::{Map, Value};
+
+#[derive(Parser)]
+#[command(name = "gpt2", version, about = "Generate text with GPT-2 checkpoints")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the token ids of TEXT as a JSON array.
+    Tokenize {
+        /// Model directory whose tokenizer to use (default: the embedded GPT-2 tokenizer).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// The text to tokenize.
+        text: String,
+    },
+    /// Generate text: the request's fields come from --request (the HTTP body) and/or flags.
+    Generate(GenerateArgs),
+}
+
+#[derive(Args)]
+#[command(allow_negative_numbers = true)]
+struct GenerateArgs {
+    /// Model directory (default: /opt/ml/model when it exists, else the demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A file holding the JSON request body, or - for standard input; prints the JSON response.
+    #[arg(long)]
+    request: Option<String>,
+    /// Print the JSON array the HTTP service would answer instead of readable text.
+    #[arg(long)]
+    json: bool,
+    /// The prompt.
+    #[arg(long)]
+    input: Option<String>,
+    /// sample-top-p, sample-top-k, sample, beam or greedy.
+    #[arg(long)]
+    mode: Option<String>,
+    /// Total length in tokens, prompt included.
+    #[arg(long)]
+    max_length: Option<i64>,
+    /// Tokens to generate after the prompt (overrides --max-length).
+    #[arg(long)]
+    max_new_tokens: Option<i64>,
+    /// Nucleus mass in (0, 1].
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Top-k cut (0 disables it).
+    #[arg(long)]
+    top_k: Option<i64>,
+    /// Sampling temperature (mode sample).
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Number of beams (mode beam).
+    #[arg(long)]
+    num_beams: Option<i64>,
+    /// No-repeat n-gram size (mode beam).
+    #[arg(long)]
+    no_repeat_ngram_size: Option<i64>,
+    /// Number of sequences to return.
+    #[arg(long)]
+    num_return_sequences: Option<i64>,
+    /// Sampling seed (-1 for random).
+    #[arg(long)]
+    seed: Option<i64>,
+}
+
+/// A failure, with the exit code it deserves: 2 for the user's input, 1 for everything else.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<EngineError> for Failure {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Request(e) => Failure::usage(e.to_string()),
+            other => Failure::runtime(other.to_string()),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Tokenize { model, text } => tokenize(model, &text),
+        Command::Generate(args) => generate(args),
+    };
+    match result {
+        Ok(output) => {
+            let mut stdout = std::io::stdout().lock();
+            // A closed pipe (`gpt2 ... | head`) is not worth a panic.
+            let _ = stdout
+                .write_all(output.as_bytes())
+                .and_then(|_| stdout.flush());
+            ExitCode::SUCCESS
+        }
+        Err(failure) => {
+            let line = failure.message.replace('\n', " ");
+            eprintln!("gpt2: error: {line}");
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
+    let tokenizer = match &model {
+        Some(dir) if !dir.is_dir() => {
+            return Err(Failure::usage(format!(
+                "--model {}: not a directory",
+                dir.display()
+            )))
+        }
+        Some(dir) => Gpt2Tokenizer::from_model_dir(dir),
+        None => Gpt2Tokenizer::embedded(),
+    }
+    .map_err(|e| Failure::runtime(e.to_string()))?;
+    let ids = tokenizer
+        .encode(text)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    Ok(format!("{}\n", Value::from(ids)))
+}
+
+/// The request object: the --request body, then every flag given on top of it.
+fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
+    let mut object = match &args.request {
+        None => Map::new(),
+        Some(source) => {
+            let mut body = Vec::new();
+            let read = if source == "-" {
+                std::io::stdin().read_to_end(&mut body).map(|_| ())
+            } else {
+                std::fs::read(source).map(|bytes| body = bytes)
+            };
+            read.map_err(|e| Failure::usage(format!("--request {source}: {e}")))?;
+            match serde_json::from_slice::<Value>(&body) {
+                Ok(Value::Object(object)) => object,
+                Ok(_) => {
+                    return Err(Failure::usage(
+                        "malformed JSON body: the body must be a JSON object",
+                    ))
+                }
+                Err(e) => return Err(Failure::usage(format!("malformed JSON body: {e}"))),
+            }
+        }
+    };
+    let mut set = |name: &str, value: Option<Value>| {
+        if let Some(value) = value {
+            object.insert(name.to_string(), value);
+        }
+    };
+    set("input", args.input.clone().map(Value::from));
+    set("mode", args.mode.clone().map(Value::from));
+    set("max_length", args.max_length.map(Value::from));
+    set("max_new_tokens", args.max_new_tokens.map(Value::from));
+    set("top_p", args.top_p.map(Value::from));
+    set("top_k", args.top_k.map(Value::from));
+    set("temperature", args.temperature.map(Value::from));
+    set("num_beams", args.num_beams.map(Value::from));
+    set(
+        "no_repeat_ngram_size",
+        args.no_repeat_ngram_size.map(Value::from),
+    );
+    set(
+        "num_return_sequences",
+        args.num_return_sequences.map(Value::from),
+    );
+    set("seed", args.seed.map(Value::from));
+    Ok(object)
+}
+
+fn generate(args: GenerateArgs) -> Result<String, Failure> {
+    let object = request_object(&args)?;
+    if let Some(dir) = &args.model {
+        if !dir.is_dir() {
+            return Err(Failure::usage(format!(
+                "--model {}: not a directory",
+                dir.display()
+            )));
+        }
+    }
+    let source = ModelSource::resolve(args.model.as_deref());
+    // Validate what needs no model first, so a bad request fails fast.
+    let limits = gpt2_engine::Limits::default();
+    let request = GenerationRequest::from_object(&object, &limits)
+        .map_err(|e| Failure::usage(e.to_string()))?;
+    if source == ModelSource::Demo {
+        eprintln!(
+            "gpt2: warning: using the DEMO model (random weights: its text is noise, not GPT-2); pass --model <DIR>"
+        );
+    }
+    let pipeline = Pipeline::from_source(&source)?;
+    let texts = pipeline.generate(&request)?;
+    if args.json || args.request.is_some() {
+        return Ok(format!("{}\n", Value::from(texts)));
+    }
+    let mut out = String::new();
+    for (index, text) in texts.iter().enumerate() {
+        if texts.len() > 1 {
+            out.push_str(&format!("=== sequence {} ===\n", index + 1));
+        }
+        out.push_str(text);
+        out.push('\n');
+    }
+    Ok(out)
+}

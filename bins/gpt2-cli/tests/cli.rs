@@ -1,0 +1,218 @@
+//! The `gpt2` binary, run as users run it.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use gpt2_engine::{Limits, Pipeline};
+
+fn gpt2(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = child.stdin.take().unwrap();
+    if let Some(text) = stdin {
+        input.write_all(text.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn tiny_model() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-safetensors")
+}
+
+#[test]
+fn tokenize_prints_hf_ids() {
+    let out = gpt2(&["tokenize", "Hello, world!"], None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "[15496,11,995,0]\n");
+    let out = gpt2(
+        &[
+            "tokenize",
+            "--model",
+            tiny_model().to_str().unwrap(),
+            "<|endoftext|>",
+        ],
+        None,
+    );
+    assert_eq!(stdout(&out), "[50256]\n");
+}
+
+#[test]
+fn request_from_stdin_prints_exactly_the_library_response() {
+    let body = r#"{"input": "The meaning of life is", "mode": "beam", "max_length": 16, "num_beams": 3, "num_return_sequences": 2}"#;
+    let out = gpt2(&["generate", "--request", "-"], Some(body));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    let expected = Pipeline::demo().generate_json(body.as_bytes()).unwrap();
+    assert_eq!(printed, expected);
+    assert!(
+        stderr(&out).contains("DEMO model"),
+        "the demo model announces itself"
+    );
+}
+
+#[test]
+fn request_file_and_flags_combine_and_seeds_repeat() {
+    let dir = std::env::temp_dir().join(format!("gpt2-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("request.json");
+    std::fs::write(
+        &file,
+        r#"{"input": "Once upon a time", "max_length": 20, "mode": "sample"}"#,
+    )
+    .unwrap();
+    let run = |seed: &str| {
+        let out = gpt2(
+            &[
+                "generate",
+                "--request",
+                file.to_str().unwrap(),
+                "--seed",
+                seed,
+            ],
+            None,
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str::<Vec<String>>(&stdout(&out)).unwrap()
+    };
+    let first = run("7");
+    assert_eq!(first.len(), 3);
+    assert!(first.iter().all(|t| t.starts_with("Once upon a time")));
+    assert_eq!(first, run("7"));
+    assert_ne!(first, run("8"));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn flags_give_readable_text_or_json() {
+    let args = [
+        "generate",
+        "--input",
+        "Hello",
+        "--mode",
+        "greedy",
+        "--max-new-tokens",
+        "5",
+        "--num-return-sequences",
+        "1",
+    ];
+    let out = gpt2(&args, None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(
+        text.starts_with("Hello") && !text.starts_with('['),
+        "{text}"
+    );
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let out = gpt2(&json_args, None);
+    let printed: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(format!("{}\n", printed[0]), text);
+}
+
+#[test]
+fn greedy_on_a_model_directory_matches_the_library() {
+    let model = tiny_model();
+    let body = r#"{"input": "a b c", "mode": "greedy", "max_length": 12}"#;
+    let out = gpt2(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--request",
+            "-",
+        ],
+        Some(body),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    let pipeline = Pipeline::load(&model)
+        .unwrap()
+        .with_limits(Limits::default());
+    assert_eq!(printed, pipeline.generate_json(body.as_bytes()).unwrap());
+    assert_eq!(printed.len(), 3);
+    assert!(
+        printed.iter().all(|t| t == &printed[0]),
+        "greedy sequences are identical"
+    );
+    assert!(!stderr(&out).contains("DEMO"));
+}
+
+#[test]
+fn bad_requests_exit_2_with_one_line_and_no_stdout() {
+    let cases: Vec<(Vec<&str>, Option<&str>, &str)> = vec![
+        (
+            vec!["generate", "--input", "x", "--top-p", "1.5"],
+            None,
+            "top_p",
+        ),
+        (
+            vec!["generate", "--input", "x", "--mode", "nucleus"],
+            None,
+            "mode",
+        ),
+        (vec!["generate"], None, "input"),
+        (vec!["generate", "--input", ""], None, "input"),
+        (
+            vec!["generate", "--request", "-"],
+            Some("{not json"),
+            "malformed JSON",
+        ),
+        (
+            vec!["generate", "--request", "-"],
+            Some("[1]"),
+            "JSON object",
+        ),
+        (
+            vec!["generate", "--request", "/nonexistent/request.json"],
+            None,
+            "--request",
+        ),
+        (
+            vec!["generate", "--input", "x", "--model", "/nonexistent/model"],
+            None,
+            "--model",
+        ),
+        (
+            vec!["generate", "--input", "x", "--max-length", "2000"],
+            None,
+            "max_length",
+        ),
+        (
+            vec![
+                "generate",
+                "--input",
+                "x",
+                "--mode",
+                "beam",
+                "--num-beams",
+                "2",
+            ],
+            None,
+            "num_return_sequences",
+        ),
+    ];
+    for (args, stdin, needle) in cases {
+        let out = gpt2(&args, stdin);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?} printed {}", stdout(&out));
+        let err = stderr(&out);
+        let error_lines: Vec<&str> = err.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(error_lines.len(), 1, "{args:?}: {err}");
+        assert!(error_lines[0].contains(needle), "{args:?}: {err}");
+    }
+}

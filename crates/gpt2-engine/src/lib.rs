@@ -1,0 +1,49 @@
+//! Text generation with a GPT-2 checkpoint, behind the "GPT-2 API" request contract.
+//!
+//! [`Pipeline`] owns a model and its tokenizer; [`Pipeline::generate`] takes a validated
+//! [`GenerationRequest`] and returns one string per returned sequence, each the prompt followed by
+//! its continuation — exactly what the HTTP service answers, so the CLI, the service and library
+//! users cannot disagree.
+//!
+//! ```
+//! use gpt2_engine::{GenerationRequest, Limits, Pipeline};
+//!
+//! // `Pipeline::load("path/to/gpt2")` for a real checkpoint; the demo model needs no download.
+//! let pipeline = Pipeline::demo();
+//! let request = GenerationRequest::from_json(
+//!     br#"{"input": "Hello, my name is", "mode": "greedy", "max_length": 12}"#,
+//!     &Limits::default(),
+//! )
+//! .unwrap();
+//! let texts = pipeline.generate(&request).unwrap();
+//! assert_eq!(texts.len(), 3);
+//! assert!(texts[0].starts_with("Hello, my name is"));
+//! ```
+
+mod pipeline;
+mod run;
+
+pub use gpt2_generation::{GenerationParams, Strategy};
+pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
+pub use pipeline::{ModelSource, Pipeline, DEFAULT_MODEL_DIR};
+pub use run::generate_ids;
+
+/// Errors of loading a pipeline or serving a request.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The request is invalid (the user's fault: a 4xx).
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The model could not be loaded or run.
+    #[error(transparent)]
+    Model(#[from] gpt2_model::ModelError),
+    /// The tokenizer could not be loaded or run.
+    #[error(transparent)]
+    Tokenizer(#[from] gpt2_tokenizer::TokenizerError),
+    /// The generation state machine refused its input.
+    #[error(transparent)]
+    Generation(#[from] gpt2_generation::GenerationError),
+    /// The caller gave up (client gone, deadline passed) and generation stopped early.
+    #[error("generation cancelled")]
+    Cancelled,
+}

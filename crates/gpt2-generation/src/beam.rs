@@ -1,0 +1,293 @@
+//! HF transformers' beam search (the vectorised `_beam_search` of transformers 5), one step at a
+//! time, for one request, with length_penalty 1.0 and `early_stopping=True`.
+//!
+//! Scores are kept in f32 and combined in the same order as HF, so that hypotheses rank the same.
+
+use crate::ngram::ban_repeated_ngrams;
+use crate::BeamParams;
+
+/// HF's stand-in for "impossible": added to scores of candidates that must not be chosen.
+const IMPOSSIBLE: f32 = -1.0e9;
+
+/// A finished (or placeholder) hypothesis.
+#[derive(Debug, Clone)]
+struct Finished {
+    score: f32,
+    tokens: Vec<u32>,
+    is_finished: bool,
+}
+
+/// One of the `2 · num_beams` best continuations of a step.
+#[derive(Debug, Clone)]
+struct Candidate {
+    log_prob: f32,
+    beam: usize,
+    token: u32,
+    hits_stop: bool,
+}
+
+/// The state of one beam search.
+#[derive(Debug, Clone)]
+pub struct BeamSearch {
+    params: BeamParams,
+    prompt_len: usize,
+    max_length: usize,
+    eos_token_id: Option<u32>,
+    /// Running hypotheses (prompt included), always `num_beams` of them.
+    running: Vec<Vec<u32>>,
+    running_scores: Vec<f32>,
+    /// The best `num_beams` finished hypotheses, best first (placeholders at −1e9).
+    finished: Vec<Finished>,
+    done: bool,
+}
+
+/// What the caller must run next: for each running beam, the cache row it continues and the
+/// token to feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BeamStep {
+    /// Row `i` of the next batch continues row `parent_rows[i]` of the previous one.
+    pub parent_rows: Vec<u32>,
+    /// Token fed to row `i`.
+    pub tokens: Vec<u32>,
+}
+
+impl BeamSearch {
+    /// Starts a search from `prompt`; `max_length` counts the prompt.
+    pub fn new(
+        prompt: &[u32],
+        params: BeamParams,
+        max_length: usize,
+        eos_token_id: Option<u32>,
+    ) -> Self {
+        let num_beams = params.num_beams.max(1);
+        let mut running_scores = vec![IMPOSSIBLE; num_beams];
+        running_scores[0] = 0.0;
+        Self {
+            params: BeamParams {
+                num_beams,
+                ..params
+            },
+            prompt_len: prompt.len(),
+            max_length,
+            eos_token_id,
+            running: vec![prompt.to_vec(); num_beams],
+            running_scores,
+            finished: (0..num_beams)
+                .map(|_| Finished {
+                    score: IMPOSSIBLE,
+                    tokens: prompt.to_vec(),
+                    is_finished: false,
+                })
+                .collect(),
+            done: prompt.len() >= max_length,
+        }
+    }
+
+    /// Whether the search has ended.
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Takes the logits of every running beam (`num_beams` rows of `vocab` values; a single row
+    /// is accepted for the first step, when every beam holds the prompt). Returns the next step,
+    /// or `None` when the search has ended.
+    pub fn advance(&mut self, logits: &[f32], vocab: usize) -> Option<BeamStep> {
+        if self.done || vocab == 0 {
+            self.done = true;
+            return None;
+        }
+        let num_beams = self.params.num_beams;
+        let rows = logits.len() / vocab;
+        let cur_len = self.running[0].len();
+
+        // Accumulated log-probabilities of every (beam, token), flattened beam-major.
+        let mut scores = Vec::with_capacity(num_beams * vocab);
+        for beam in 0..num_beams {
+            let row = if rows == 1 { 0 } else { beam.min(rows - 1) };
+            let mut log_probs = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
+            ban_repeated_ngrams(
+                &mut log_probs,
+                &self.running[beam],
+                self.params.no_repeat_ngram_size,
+            );
+            let beam_score = self.running_scores[beam];
+            scores.extend(log_probs.iter().map(|lp| lp + beam_score));
+        }
+
+        let keep = 2 * num_beams;
+        let candidates: Vec<Candidate> = top_indices(&scores, keep)
+            .into_iter()
+            .map(|flat| {
+                let token = (flat % vocab) as u32;
+                Candidate {
+                    log_prob: scores[flat],
+                    beam: flat / vocab,
+                    token,
+                    hits_stop: cur_len + 1 >= self.max_length || Some(token) == self.eos_token_id,
+                }
+            })
+            .collect();
+
+        // Next running beams: the best candidates that did not stop.
+        let running_log_probs: Vec<f32> = candidates
+            .iter()
+            .map(|c| c.log_prob + if c.hits_stop { IMPOSSIBLE } else { 0.0 })
+            .collect();
+        let next_running = top_indices(&running_log_probs, num_beams);
+
+        // Finished hypotheses: merge the best-ranked candidates that stopped with those found so far.
+        let generated_len = (cur_len + 1 - self.prompt_len) as f32;
+        let all_finished = self.finished.iter().all(|f| f.is_finished);
+        let mut merged: Vec<Finished> = self.finished.clone();
+        for (rank, candidate) in candidates.iter().enumerate() {
+            let just_finished = candidate.hits_stop && rank < num_beams;
+            let mut score = candidate.log_prob / generated_len;
+            if all_finished {
+                score += IMPOSSIBLE;
+            }
+            if !just_finished {
+                score += IMPOSSIBLE;
+            }
+            let mut tokens = self.running[candidate.beam].clone();
+            tokens.push(candidate.token);
+            merged.push(Finished {
+                score,
+                tokens,
+                is_finished: just_finished,
+            });
+        }
+        let merged_scores: Vec<f32> = merged.iter().map(|f| f.score).collect();
+        self.finished = top_indices(&merged_scores, num_beams)
+            .into_iter()
+            .map(|i| merged[i].clone())
+            .collect();
+
+        let step = BeamStep {
+            parent_rows: next_running
+                .iter()
+                .map(|&i| candidates[i].beam as u32)
+                .collect(),
+            tokens: next_running.iter().map(|&i| candidates[i].token).collect(),
+        };
+        self.running = next_running
+            .iter()
+            .map(|&i| {
+                let mut tokens = self.running[candidates[i].beam].clone();
+                tokens.push(candidates[i].token);
+                tokens
+            })
+            .collect();
+        self.running_scores = next_running.iter().map(|&i| running_log_probs[i]).collect();
+
+        let every_slot_finished = self.finished.iter().all(|f| f.is_finished);
+        let every_candidate_stopped = candidates.iter().all(|c| c.hits_stop);
+        if every_slot_finished || every_candidate_stopped {
+            self.done = true;
+            return None;
+        }
+        Some(step)
+    }
+
+    /// The `n` best hypotheses, best first, prompt included (EOS included where one ended it).
+    pub fn best(&self, n: usize) -> Vec<Vec<u32>> {
+        self.finished
+            .iter()
+            .take(n)
+            .map(|f| f.tokens.clone())
+            .collect()
+    }
+}
+
+/// `log_softmax` in f64, rounded to f32 as HF's f32 computation would be, up to an ulp.
+fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits
+        .iter()
+        .copied()
+        .filter(|l| !l.is_nan())
+        .fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return vec![f32::NEG_INFINITY; logits.len()];
+    }
+    let max = f64::from(max);
+    let sum: f64 = logits.iter().map(|&l| (f64::from(l) - max).exp()).sum();
+    let log_sum = sum.ln();
+    logits
+        .iter()
+        .map(|&l| (f64::from(l) - max - log_sum) as f32)
+        .collect()
+}
+
+/// Indices of the `k` largest values, largest first; ties go to the lower index (torch's
+/// `topk` makes no promise there). NaN ranks lowest.
+fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(values.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let order = |a: &usize, b: &usize| {
+        let (va, vb) = (values[*a], values[*b]);
+        let va = if va.is_nan() { f32::NEG_INFINITY } else { va };
+        let vb = if vb.is_nan() { f32::NEG_INFINITY } else { vb };
+        vb.total_cmp(&va).then(a.cmp(b))
+    };
+    let mut indices: Vec<usize> = (0..values.len()).collect();
+    if k < indices.len() {
+        indices.select_nth_unstable_by(k - 1, order);
+        indices.truncate(k);
+    }
+    indices.sort_unstable_by(order);
+    indices
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(num_beams: usize) -> BeamParams {
+        BeamParams {
+            num_beams,
+            no_repeat_ngram_size: 0,
+        }
+    }
+
+    #[test]
+    fn top_indices_orders_by_value_then_index() {
+        assert_eq!(top_indices(&[1.0, 3.0, 3.0, 2.0], 3), vec![1, 2, 3]);
+        assert_eq!(top_indices(&[1.0, f32::NAN, 0.0], 2), vec![0, 2]);
+        assert_eq!(top_indices(&[1.0], 5), vec![0]);
+    }
+
+    #[test]
+    fn single_beam_follows_the_argmax_until_max_length() {
+        // Vocabulary of 3; the model always prefers token 2 (no EOS).
+        let mut search = BeamSearch::new(&[0], params(1), 4, None);
+        let logits = [0.0, 1.0, 2.0];
+        let mut steps = 0;
+        while let Some(step) = search.advance(&logits, 3) {
+            assert_eq!(step.tokens, vec![2]);
+            steps += 1;
+        }
+        assert_eq!(steps, 2);
+        assert_eq!(search.best(1), vec![vec![0, 2, 2, 2]]);
+    }
+
+    #[test]
+    fn eos_finishes_hypotheses_and_early_stopping_ends_the_search() {
+        // EOS (token 0) is the best token at every step: both beams finish at once.
+        let mut search = BeamSearch::new(&[5], params(2), 10, Some(0));
+        let logits = [3.0, 1.0, 0.5, 0.0, 0.0, 0.0];
+        let step = search.advance(&logits, 6);
+        // Rank 0 is EOS from beam 0 (finished); rank 1 (token 1) continues.
+        let step = step.expect("one beam still runs");
+        assert_eq!(step.tokens[0], 1);
+        let next = search.advance(&[logits, logits].concat(), 6);
+        assert!(
+            next.is_none(),
+            "two finished hypotheses end a 2-beam search"
+        );
+        let best = search.best(2);
+        assert_eq!(best[0], vec![5, 0]);
+        assert_eq!(best[1].len(), 3);
+        assert_eq!(best[1][2], 0);
+    }
+}

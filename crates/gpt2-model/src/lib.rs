@@ -1,0 +1,143 @@
+//! The GPT-2 forward pass on candle, f32 on CPU.
+//!
+//! Reads HF's `config.json`, loads weights from every checkpoint layout seen in the wild
+//! (`model.safetensors`, sharded safetensors, `pytorch_model.bin`; `transformer.`-prefixed or bare
+//! names), and runs a batch of sequences with a KV cache: prefill a prompt, then one token per
+//! step. It knows nothing of sampling or text.
+//!
+//! ```
+//! use candle_core::Tensor;
+//! use gpt2_model::{Gpt2Model, LogitsFor};
+//!
+//! let model = Gpt2Model::demo(); // tiny, random weights, real GPT-2 vocabulary
+//! let mut cache = model.new_cache();
+//! let prompt = Tensor::new(&[[15496u32, 11, 995]], model.device()).unwrap();
+//! let logits = model.forward(&prompt, &mut cache, LogitsFor::Last).unwrap();
+//! assert_eq!(logits.dims(), &[1, 1, 50257]);
+//! let next = Tensor::new(&[[0u32]], model.device()).unwrap();
+//! let logits = model.forward(&next, &mut cache, LogitsFor::Last).unwrap();
+//! assert_eq!(cache.seq_len(), 4);
+//! # let _ = logits;
+//! ```
+
+mod cache;
+mod config;
+mod demo;
+mod model;
+mod weights;
+
+use std::path::Path;
+
+use candle_core::Device;
+
+pub use cache::KvCache;
+pub use config::{Activation, Gpt2Config};
+pub use demo::{demo_config, DEMO_CONFIG_SEED};
+pub use model::{Gpt2Model, LogitsFor};
+pub use weights::WeightFiles;
+
+/// Errors of loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `config.json` is malformed or asks for something this crate does not implement.
+    #[error("invalid model config: {0}")]
+    Config(String),
+    /// A model directory has no weight file.
+    #[error(
+        "no weights in {0}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )]
+    MissingWeights(String),
+    /// A weight file could not be parsed.
+    #[error("cannot load weights from {path}: {reason}")]
+    Weights { path: String, reason: String },
+    /// The checkpoint lacks a tensor the model needs.
+    #[error("tensor {name} is missing from {origin}")]
+    MissingTensor { name: String, origin: String },
+    /// A tensor has the wrong shape for the config.
+    #[error("tensor {name} has shape {found:?}, expected {expected:?} from config.json")]
+    TensorShape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    /// A tensor could not be converted to f32.
+    #[error("tensor {name}: {reason}")]
+    Tensor { name: String, reason: String },
+    /// The sequence would run past the position table.
+    #[error("sequence of {length} tokens exceeds the model's n_positions ({n_positions})")]
+    SequenceTooLong { length: usize, n_positions: usize },
+    /// The caller passed inconsistent inputs.
+    #[error("invalid model input: {0}")]
+    Input(String),
+    /// A tensor operation failed.
+    #[error("tensor operation failed: {0}")]
+    Candle(String),
+}
+
+impl ModelError {
+    pub(crate) fn from_candle(e: candle_core::Error) -> Self {
+        Self::Candle(e.to_string())
+    }
+}
+
+impl Gpt2Model {
+    /// Loads `config.json` and the weights of a model directory onto `device`.
+    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let files = WeightFiles::find(dir)?;
+        let weights = weights::NamedTensors::load(&files, device)?;
+        Self::from_named_tensors(config, weights, device)
+    }
+
+    /// Builds a model from tensors under HF names (either key layout).
+    pub fn from_tensors(
+        config: Gpt2Config,
+        tensors: std::collections::HashMap<String, candle_core::Tensor>,
+        device: &Device,
+    ) -> Result<Self, ModelError> {
+        let tensors = tensors
+            .into_iter()
+            .map(|(name, t)| {
+                let name = name
+                    .strip_prefix("transformer.")
+                    .unwrap_or(&name)
+                    .to_string();
+                (name, t)
+            })
+            .collect();
+        Self::from_named_tensors(
+            config,
+            weights::NamedTensors::from_map(tensors, "the given tensors"),
+            device,
+        )
+    }
+
+    /// Writes `config.json` and `model.safetensors` (bare key layout) into `dir`.
+    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
+        let dir = dir.as_ref();
+        let io = |path: &Path| {
+            let path = path.display().to_string();
+            move |e| ModelError::Io { path, source: e }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let config_path = dir.join("config.json");
+        std::fs::write(&config_path, demo::hf_config_json(self.config()))
+            .map_err(io(&config_path))?;
+        let weights_path = dir.join("model.safetensors");
+        let named = self.named_weights();
+        let named: std::collections::HashMap<String, candle_core::Tensor> =
+            named.into_iter().collect();
+        candle_core::safetensors::save(&named, &weights_path).map_err(|e| ModelError::Weights {
+            path: weights_path.display().to_string(),
+            reason: e.to_string(),
+        })
+    }
+}

@@ -1,0 +1,411 @@
+//! The "GPT-2 API" contract: the JSON request body, its defaults, and its validation.
+//!
+//! Every number a user sets is checked here, once, and comes out as a typed
+//! [`GenerationRequest`]; the limits that need the prompt's token count and the model's
+//! `n_positions` are checked by [`GenerationRequest::to_params`]. Errors name the field and the
+//! reason. No model, no text processing.
+//!
+//! ```
+//! use gpt2_schema::{GenerationRequest, Limits, Mode};
+//!
+//! let request = GenerationRequest::from_json(br#"{"input": "Hello", "mode": "greedy"}"#, &Limits::default()).unwrap();
+//! assert_eq!(request.mode, Mode::Greedy);
+//! assert_eq!(request.num_return_sequences, 3);
+//! let params = request.to_params(1, 1024, Some(50256)).unwrap();
+//! assert_eq!(params.max_length, 100);
+//!
+//! let err = GenerationRequest::from_json(br#"{"input": "Hi", "top_p": 1.5}"#, &Limits::default()).unwrap_err();
+//! assert_eq!(err.field(), Some("top_p"));
+//! ```
+
+use gpt2_generation::{BeamParams, GenerationParams, SamplingParams, Strategy};
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// The generation modes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Sampling with top-k then top-p (temperature 1).
+    SampleTopP,
+    /// Sampling with top-k only (temperature 1).
+    SampleTopK,
+    /// Sampling with temperature, top-k and top-p.
+    Sample,
+    /// Beam search with no-repeat-n-gram.
+    Beam,
+    /// Argmax at every step.
+    Greedy,
+}
+
+impl Mode {
+    /// Every mode, by its contract name.
+    pub const ALL: [(&'static str, Mode); 5] = [
+        ("sample-top-p", Mode::SampleTopP),
+        ("sample-top-k", Mode::SampleTopK),
+        ("sample", Mode::Sample),
+        ("beam", Mode::Beam),
+        ("greedy", Mode::Greedy),
+    ];
+
+    /// The contract name of the mode.
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, m)| *m == self)
+            .map_or("", |(n, _)| n)
+    }
+
+    /// Parses a contract name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == name).map(|(_, m)| *m)
+    }
+}
+
+/// Per-request compute limits set by the operator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest `num_return_sequences` accepted (default 16).
+    pub max_num_return_sequences: usize,
+    /// Largest `num_beams` accepted (default 16).
+    pub max_num_beams: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_num_return_sequences: 16,
+            max_num_beams: 16,
+        }
+    }
+}
+
+/// A validated request with every default filled in.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerationRequest {
+    /// The prompt (non-empty).
+    pub input: String,
+    /// Total length in tokens, prompt included (default 100).
+    pub max_length: usize,
+    /// Tokens to generate after the prompt; overrides `max_length` when given.
+    pub max_new_tokens: Option<usize>,
+    /// How tokens are chosen (default `sample-top-p`).
+    pub mode: Mode,
+    /// Nucleus mass, in (0, 1] (default 0.92).
+    pub top_p: f32,
+    /// Top-k cut, 0 disables it (default 50).
+    pub top_k: usize,
+    /// Positive temperature (default 0.7), used by mode `sample`.
+    pub temperature: f32,
+    /// Beams, at least 1 (default 5), used by mode `beam`.
+    pub num_beams: usize,
+    /// No-repeat n-gram size, 0 disables it (default 2), used by mode `beam`.
+    pub no_repeat_ngram_size: usize,
+    /// Sequences returned, at least 1 (default 3).
+    pub num_return_sequences: usize,
+    /// Sampling seed; `None` (absent, null or -1) draws a random one.
+    pub seed: Option<u64>,
+}
+
+impl Default for GenerationRequest {
+    fn default() -> Self {
+        Self {
+            input: String::new(),
+            max_length: 100,
+            max_new_tokens: None,
+            mode: Mode::SampleTopP,
+            top_p: 0.92,
+            top_k: 50,
+            temperature: 0.7,
+            num_beams: 5,
+            no_repeat_ngram_size: 2,
+            num_return_sequences: 3,
+            seed: None,
+        }
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The body is not JSON, or not a JSON object.
+    #[error("malformed JSON body: {0}")]
+    MalformedJson(String),
+    /// A field has the wrong type or an out-of-range value.
+    #[error("invalid field `{field}`: {reason}")]
+    InvalidField { field: &'static str, reason: String },
+}
+
+impl RequestError {
+    fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::InvalidField {
+            field,
+            reason: reason.into(),
+        }
+    }
+
+    /// The offending field, for validation errors.
+    pub fn field(&self) -> Option<&'static str> {
+        match self {
+            Self::InvalidField { field, .. } => Some(field),
+            Self::MalformedJson(_) => None,
+        }
+    }
+
+    /// A short machine-readable kind: `malformed_json` or `validation_error`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::MalformedJson(_) => "malformed_json",
+            Self::InvalidField { .. } => "validation_error",
+        }
+    }
+}
+
+fn describe(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An integer field. Integral floats such as `50.0` are accepted (JSON has one number type, and
+/// clients in JavaScript or with numpy often send them); `50.5` is not.
+fn integer(field: &'static str, value: &Value) -> Result<i128, RequestError> {
+    if let Some(n) = value.as_i64() {
+        return Ok(i128::from(n));
+    }
+    if let Some(n) = value.as_u64() {
+        return Ok(i128::from(n));
+    }
+    if let Some(f) = value.as_f64() {
+        if f.fract() == 0.0 && f.abs() < 9.0e18 {
+            return Ok(f as i128);
+        }
+        return Err(RequestError::invalid(
+            field,
+            format!("must be an integer, got {value}"),
+        ));
+    }
+    Err(RequestError::invalid(
+        field,
+        format!("must be an integer, got {}", describe(value)),
+    ))
+}
+
+fn bounded_integer(
+    field: &'static str,
+    value: &Value,
+    min: i128,
+    max: i128,
+) -> Result<usize, RequestError> {
+    let n = integer(field, value)?;
+    if n < min {
+        return Err(RequestError::invalid(
+            field,
+            format!("must be at least {min}, got {n}"),
+        ));
+    }
+    if n > max {
+        return Err(RequestError::invalid(
+            field,
+            format!("must be at most {max}, got {n}"),
+        ));
+    }
+    usize::try_from(n).map_err(|_| RequestError::invalid(field, format!("is too large: {n}")))
+}
+
+fn number(field: &'static str, value: &Value) -> Result<f64, RequestError> {
+    value.as_f64().ok_or_else(|| {
+        RequestError::invalid(field, format!("must be a number, got {}", describe(value)))
+    })
+}
+
+impl GenerationRequest {
+    /// Parses and validates a request body.
+    pub fn from_json(body: &[u8], limits: &Limits) -> Result<Self, RequestError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+        let Value::Object(object) = value else {
+            return Err(RequestError::MalformedJson(format!(
+                "the body must be a JSON object, got {}",
+                describe(&value)
+            )));
+        };
+        Self::from_object(&object, limits)
+    }
+
+    /// Validates a parsed JSON object. Unknown fields are ignored; `null` means "use the default".
+    pub fn from_object(object: &Map<String, Value>, limits: &Limits) -> Result<Self, RequestError> {
+        let mut request = Self::default();
+        let present = |name: &str| object.get(name).filter(|v| !v.is_null());
+
+        request.input = match object.get("input") {
+            None | Some(Value::Null) => return Err(RequestError::invalid("input", "is required")),
+            Some(Value::String(s)) if s.is_empty() => {
+                return Err(RequestError::invalid("input", "must not be empty"))
+            }
+            Some(Value::String(s)) => s.clone(),
+            Some(other) => {
+                return Err(RequestError::invalid(
+                    "input",
+                    format!("must be a string, got {}", describe(other)),
+                ))
+            }
+        };
+        if let Some(v) = present("mode") {
+            let name = v.as_str().ok_or_else(|| {
+                RequestError::invalid("mode", format!("must be a string, got {}", describe(v)))
+            })?;
+            request.mode = Mode::from_name(name).ok_or_else(|| {
+                let valid: Vec<&str> = Mode::ALL.iter().map(|(n, _)| *n).collect();
+                RequestError::invalid(
+                    "mode",
+                    format!("unknown mode {name:?}; valid modes: {}", valid.join(", ")),
+                )
+            })?;
+        }
+        if let Some(v) = present("max_length") {
+            request.max_length = bounded_integer("max_length", v, 1, i128::from(u32::MAX))?;
+        }
+        if let Some(v) = present("max_new_tokens") {
+            request.max_new_tokens = Some(bounded_integer(
+                "max_new_tokens",
+                v,
+                1,
+                i128::from(u32::MAX),
+            )?);
+        }
+        if let Some(v) = present("top_p") {
+            let p = number("top_p", v)?;
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(RequestError::invalid(
+                    "top_p",
+                    format!("must be in (0, 1], got {p}"),
+                ));
+            }
+            request.top_p = p as f32;
+        }
+        if let Some(v) = present("top_k") {
+            request.top_k = bounded_integer("top_k", v, 0, i128::from(u32::MAX))?;
+        }
+        if let Some(v) = present("temperature") {
+            let t = number("temperature", v)?;
+            if !(t > 0.0 && (t as f32).is_finite() && (t as f32) > 0.0) {
+                return Err(RequestError::invalid(
+                    "temperature",
+                    format!("must be a positive number, got {t}"),
+                ));
+            }
+            request.temperature = t as f32;
+        }
+        if let Some(v) = present("num_beams") {
+            request.num_beams = bounded_integer("num_beams", v, 1, limits.max_num_beams as i128)?;
+        }
+        if let Some(v) = present("no_repeat_ngram_size") {
+            request.no_repeat_ngram_size =
+                bounded_integer("no_repeat_ngram_size", v, 0, i128::from(u32::MAX))?;
+        }
+        if let Some(v) = present("num_return_sequences") {
+            request.num_return_sequences = bounded_integer(
+                "num_return_sequences",
+                v,
+                1,
+                limits.max_num_return_sequences as i128,
+            )?;
+        }
+        if request.mode == Mode::Beam && request.num_return_sequences > request.num_beams {
+            return Err(RequestError::invalid(
+                "num_return_sequences",
+                format!(
+                    "must not exceed num_beams ({}) in beam mode, got {}",
+                    request.num_beams, request.num_return_sequences
+                ),
+            ));
+        }
+        if let Some(v) = present("seed") {
+            let seed = integer("seed", v)?;
+            request.seed = match seed {
+                -1 => None,
+                s if s < 0 => {
+                    return Err(RequestError::invalid(
+                        "seed",
+                        format!("must be -1 (random) or a non-negative integer, got {s}"),
+                    ))
+                }
+                s => Some(u64::try_from(s).map_err(|_| {
+                    RequestError::invalid("seed", format!("must fit in 64 bits, got {s}"))
+                })?),
+            };
+        }
+        Ok(request)
+    }
+
+    /// The generation parameters for a prompt of `prompt_len` tokens on a model with
+    /// `n_positions` positions; checks the length limits, naming the field that sets them.
+    pub fn to_params(
+        &self,
+        prompt_len: usize,
+        n_positions: usize,
+        eos_token_id: Option<u32>,
+    ) -> Result<GenerationParams, RequestError> {
+        let (field, max_length) = match self.max_new_tokens {
+            Some(new) => ("max_new_tokens", prompt_len.saturating_add(new)),
+            None => ("max_length", self.max_length),
+        };
+        if field == "max_length" && max_length <= prompt_len {
+            return Err(RequestError::invalid(
+                "max_length",
+                format!(
+                    "must exceed the prompt's token count ({prompt_len}) because it counts the prompt, got {max_length}"
+                ),
+            ));
+        }
+        if max_length > n_positions {
+            return Err(RequestError::invalid(
+                field,
+                format!(
+                    "the total length ({max_length} tokens, prompt {prompt_len}) exceeds the model's n_positions ({n_positions})"
+                ),
+            ));
+        }
+        let strategy = match self.mode {
+            Mode::Greedy => Strategy::Greedy,
+            Mode::SampleTopP => Strategy::Sample(SamplingParams {
+                temperature: 1.0,
+                top_k: self.top_k,
+                top_p: self.top_p,
+            }),
+            Mode::SampleTopK => Strategy::Sample(SamplingParams {
+                temperature: 1.0,
+                top_k: self.top_k,
+                top_p: 1.0,
+            }),
+            Mode::Sample => Strategy::Sample(SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+            }),
+            Mode::Beam => Strategy::Beam(BeamParams {
+                num_beams: self.num_beams,
+                no_repeat_ngram_size: self.no_repeat_ngram_size,
+            }),
+        };
+        Ok(GenerationParams {
+            strategy,
+            max_length,
+            num_return_sequences: self.num_return_sequences,
+            eos_token_id,
+            seed: self.seed,
+        })
+    }
+}
+
+/// The response body: one string per returned sequence, each the prompt and its continuation.
+pub type GenerationResponse = Vec<String>;
+
+#[cfg(test)]
+mod tests;

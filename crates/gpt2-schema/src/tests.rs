@@ -1,0 +1,234 @@
+use super::*;
+
+fn parse(body: &str) -> Result<GenerationRequest, RequestError> {
+    GenerationRequest::from_json(body.as_bytes(), &Limits::default())
+}
+
+fn field_of(body: &str) -> &'static str {
+    parse(body).unwrap_err().field().unwrap_or("<none>")
+}
+
+#[test]
+fn defaults_are_the_contracts() {
+    let request = parse(r#"{"input": "This is an input text"}"#).unwrap();
+    assert_eq!(
+        request,
+        GenerationRequest {
+            input: "This is an input text".into(),
+            ..GenerationRequest::default()
+        }
+    );
+    assert_eq!(request.max_length, 100);
+    assert_eq!(request.mode, Mode::SampleTopP);
+    assert_eq!(
+        (request.top_p, request.top_k, request.temperature),
+        (0.92, 50, 0.7)
+    );
+    assert_eq!(
+        (
+            request.num_beams,
+            request.no_repeat_ngram_size,
+            request.num_return_sequences
+        ),
+        (5, 2, 3)
+    );
+    assert_eq!(request.seed, None);
+}
+
+#[test]
+fn every_field_is_read_and_unknown_fields_are_ignored() {
+    let request = parse(
+        r#"{"input":"x","max_length":20,"max_new_tokens":7,"mode":"beam","top_p":0.5,"top_k":0,
+            "temperature":1.5,"num_beams":4,"no_repeat_ngram_size":3,"num_return_sequences":2,
+            "seed":123,"extra":{"anything":[1,2]}}"#,
+    )
+    .unwrap();
+    assert_eq!(request.max_new_tokens, Some(7));
+    assert_eq!(request.mode, Mode::Beam);
+    assert_eq!(
+        (request.top_p, request.top_k, request.temperature),
+        (0.5, 0, 1.5)
+    );
+    assert_eq!(
+        (
+            request.num_beams,
+            request.no_repeat_ngram_size,
+            request.num_return_sequences
+        ),
+        (4, 3, 2)
+    );
+    assert_eq!(request.seed, Some(123));
+}
+
+#[test]
+fn seed_null_and_minus_one_mean_random() {
+    assert_eq!(parse(r#"{"input":"x","seed":null}"#).unwrap().seed, None);
+    assert_eq!(parse(r#"{"input":"x","seed":-1}"#).unwrap().seed, None);
+    assert_eq!(parse(r#"{"input":"x","seed":0}"#).unwrap().seed, Some(0));
+    assert_eq!(
+        parse(r#"{"input":"x","seed":18446744073709551615}"#)
+            .unwrap()
+            .seed,
+        Some(u64::MAX)
+    );
+    assert_eq!(field_of(r#"{"input":"x","seed":-2}"#), "seed");
+    assert_eq!(field_of(r#"{"input":"x","seed":"7"}"#), "seed");
+}
+
+#[test]
+fn integral_floats_are_integers_and_fractions_are_not() {
+    assert_eq!(
+        parse(r#"{"input":"x","max_length":50.0}"#)
+            .unwrap()
+            .max_length,
+        50
+    );
+    assert_eq!(field_of(r#"{"input":"x","max_length":50.5}"#), "max_length");
+    assert_eq!(field_of(r#"{"input":"x","top_k":"50"}"#), "top_k");
+}
+
+#[test]
+fn bad_inputs_name_their_field() {
+    for (body, field) in [
+        (r#"{}"#, "input"),
+        (r#"{"input": null}"#, "input"),
+        (r#"{"input": 5}"#, "input"),
+        (r#"{"input": ["a"]}"#, "input"),
+        (r#"{"input": ""}"#, "input"),
+        (r#"{"input":"x","mode":"nucleus"}"#, "mode"),
+        (r#"{"input":"x","mode":3}"#, "mode"),
+        (r#"{"input":"x","top_p":0}"#, "top_p"),
+        (r#"{"input":"x","top_p":1.01}"#, "top_p"),
+        (r#"{"input":"x","top_p":"high"}"#, "top_p"),
+        (r#"{"input":"x","top_k":-1}"#, "top_k"),
+        (r#"{"input":"x","temperature":0}"#, "temperature"),
+        (r#"{"input":"x","temperature":-0.5}"#, "temperature"),
+        (r#"{"input":"x","num_beams":0}"#, "num_beams"),
+        (r#"{"input":"x","num_beams":17}"#, "num_beams"),
+        (
+            r#"{"input":"x","num_return_sequences":0}"#,
+            "num_return_sequences",
+        ),
+        (
+            r#"{"input":"x","num_return_sequences":17}"#,
+            "num_return_sequences",
+        ),
+        (
+            r#"{"input":"x","mode":"beam","num_beams":2,"num_return_sequences":3}"#,
+            "num_return_sequences",
+        ),
+        (
+            r#"{"input":"x","no_repeat_ngram_size":-1}"#,
+            "no_repeat_ngram_size",
+        ),
+        (r#"{"input":"x","max_length":0}"#, "max_length"),
+        (r#"{"input":"x","max_length":true}"#, "max_length"),
+        (r#"{"input":"x","max_new_tokens":0}"#, "max_new_tokens"),
+    ] {
+        let err = parse(body).unwrap_err();
+        assert_eq!(err.field(), Some(field), "{body}: {err}");
+        assert_eq!(err.kind(), "validation_error");
+        assert!(err.to_string().contains(field), "{err}");
+    }
+}
+
+#[test]
+fn unknown_mode_lists_the_valid_ones() {
+    let err = parse(r#"{"input":"x","mode":"nucleus"}"#)
+        .unwrap_err()
+        .to_string();
+    for (name, _) in Mode::ALL {
+        assert!(err.contains(name), "{err}");
+    }
+}
+
+#[test]
+fn malformed_bodies_are_json_errors() {
+    for body in ["", "{", "[1,2]", "\"text\"", "{\"input\": \"x\",}"] {
+        let err = parse(body).unwrap_err();
+        assert_eq!(err.kind(), "malformed_json", "{body}");
+        assert_eq!(err.field(), None);
+    }
+}
+
+#[test]
+fn limits_are_configurable() {
+    let limits = Limits {
+        max_num_return_sequences: 2,
+        max_num_beams: 3,
+    };
+    let ok = GenerationRequest::from_json(
+        br#"{"input":"x","num_return_sequences":2,"num_beams":3}"#,
+        &limits,
+    );
+    assert!(ok.is_ok());
+    let err = GenerationRequest::from_json(br#"{"input":"x","num_return_sequences":3}"#, &limits)
+        .unwrap_err();
+    assert!(err.to_string().contains("at most 2"), "{err}");
+}
+
+#[test]
+fn length_limits_need_the_prompt_and_the_model() {
+    let request = parse(r#"{"input":"x","max_length":10}"#).unwrap();
+    assert_eq!(request.to_params(9, 1024, None).unwrap().max_length, 10);
+    assert_eq!(
+        request.to_params(10, 1024, None).unwrap_err().field(),
+        Some("max_length")
+    );
+    assert_eq!(
+        request.to_params(3, 8, None).unwrap_err().field(),
+        Some("max_length")
+    );
+
+    let request = parse(r#"{"input":"x","max_length":5,"max_new_tokens":20}"#).unwrap();
+    assert_eq!(request.to_params(10, 1024, None).unwrap().max_length, 30);
+    assert_eq!(
+        request.to_params(10, 25, None).unwrap_err().field(),
+        Some("max_new_tokens")
+    );
+}
+
+#[test]
+fn modes_map_to_their_parameters() {
+    let strategy = |mode: &str| {
+        parse(&format!(
+            r#"{{"input":"x","mode":"{mode}","top_p":0.5,"top_k":7,"temperature":0.3}}"#
+        ))
+        .unwrap()
+        .to_params(1, 1024, Some(50256))
+        .unwrap()
+        .strategy
+    };
+    assert_eq!(strategy("greedy"), Strategy::Greedy);
+    assert_eq!(
+        strategy("sample-top-p"),
+        Strategy::Sample(SamplingParams {
+            temperature: 1.0,
+            top_k: 7,
+            top_p: 0.5
+        })
+    );
+    assert_eq!(
+        strategy("sample-top-k"),
+        Strategy::Sample(SamplingParams {
+            temperature: 1.0,
+            top_k: 7,
+            top_p: 1.0
+        })
+    );
+    assert_eq!(
+        strategy("sample"),
+        Strategy::Sample(SamplingParams {
+            temperature: 0.3,
+            top_k: 7,
+            top_p: 0.5
+        })
+    );
+    assert_eq!(
+        strategy("beam"),
+        Strategy::Beam(BeamParams {
+            num_beams: 5,
+            no_repeat_ngram_size: 2
+        })
+    );
+}
