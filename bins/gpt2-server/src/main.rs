@@ -1,1 +1,115 @@
-fn main() {}
+//! `gpt2-server`: the GPT-2 API over HTTP, as SageMaker expects a model container to serve it.
+
+mod api_error;
+mod args;
+mod routes;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use gpt2_engine::{Engine, ModelSource, Pipeline};
+use tracing::{error, info, warn};
+
+use crate::args::ServerArgs;
+
+fn main() -> ExitCode {
+    let args = ServerArgs::parse();
+    args::init_logging(args.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            error!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            error!("{message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: ServerArgs) -> Result<(), String> {
+    let port = args.port()?;
+    let addr = SocketAddr::new(args.host, port);
+    let source = ModelSource::resolve(args.model.as_deref());
+    let loading = std::time::Instant::now();
+    // Load before binding: /ping only answers once the model is ready.
+    let pipeline = tokio::task::spawn_blocking(move || Pipeline::from_source(&source))
+        .await
+        .map_err(|e| format!("model loading panicked: {e}"))?
+        .map_err(|e| format!("cannot load the model: {e}"))?;
+    let pipeline = pipeline.with_limits(args.limits());
+    info!(
+        model = ?pipeline.source(),
+        load_ms = loading.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    if *pipeline.source() == ModelSource::Demo {
+        warn!("serving the DEMO model: random weights, its text is noise, not GPT-2");
+    }
+    let limits = *pipeline.limits();
+    let (engine, worker) = Engine::start(pipeline, args.engine_config())
+        .map_err(|e| format!("cannot start the inference worker: {e}"))?;
+    let app = routes::router(routes::AppState::new(engine, limits));
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    info!(%addr, "listening");
+
+    let shutdown = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signalled = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        signalled.notify_waiters();
+    });
+    let grace = Duration::from_secs(args.shutdown_grace_secs);
+    let graceful = shutdown.clone();
+    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+        graceful.notified().await;
+        info!(
+            grace_secs = grace.as_secs(),
+            "shutting down: no new connections, finishing in-flight requests"
+        );
+    });
+    let bounded = async {
+        shutdown.notified().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        served = serve => served.map_err(|e| format!("server error: {e}"))?,
+        () = bounded => warn!("in-flight requests did not finish within the grace period; exiting"),
+    }
+    drop(worker); // the worker thread ends with the process
+    info!("stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => info!("SIGINT received"),
+        () = terminate => info!("SIGTERM received"),
+    }
+}

@@ -115,16 +115,16 @@ impl Pipeline {
     /// Answers a request: `num_return_sequences` strings, each the prompt followed by its
     /// continuation (special tokens skipped).
     pub fn generate(&self, request: &GenerationRequest) -> Result<Vec<String>, EngineError> {
-        self.generate_until(request, || false)
+        Ok(self.run(request, || false)?.texts)
     }
 
-    /// [`Pipeline::generate`], stopping with [`EngineError::Cancelled`] as soon as `should_stop`
-    /// answers true (it is polled between decode steps).
-    pub fn generate_until(
+    /// [`Pipeline::generate`] with token counts, stopping with [`EngineError::Cancelled`] as soon
+    /// as `should_stop` answers true (it is polled between decode steps).
+    pub fn run(
         &self,
         request: &GenerationRequest,
         should_stop: impl FnMut() -> bool,
-    ) -> Result<Vec<String>, EngineError> {
+    ) -> Result<GenerationOutput, EngineError> {
         let prompt = self.tokenizer.encode(&request.input)?;
         let config = self.model.config();
         if prompt.is_empty() {
@@ -146,7 +146,7 @@ impl Pipeline {
         }
         let params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
         let outputs = generate_ids(&self.model, &prompt, params, should_stop)?;
-        outputs
+        let texts = outputs
             .iter()
             .map(|generated| {
                 Ok(format!(
@@ -155,6 +155,22 @@ impl Pipeline {
                     self.tokenizer.decode(generated)?
                 ))
             })
-            .collect()
+            .collect::<Result<Vec<String>, EngineError>>()?;
+        Ok(GenerationOutput {
+            texts,
+            prompt_tokens: prompt.len(),
+            generated_tokens: outputs.iter().map(Vec::len).sum(),
+        })
     }
+}
+
+/// A request's answer and what it cost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GenerationOutput {
+    /// One string per returned sequence: the prompt followed by its continuation.
+    pub texts: Vec<String>,
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated, summed over the returned sequences.
+    pub generated_tokens: usize,
 }

@@ -1,0 +1,183 @@
+//! The HTTP surface: routes, request ids, content checks, and the one log line per request.
+
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use gpt2_engine::{Engine, GenerationRequest, Limits};
+use serde_json::json;
+use tracing::info;
+
+use crate::api_error::ApiError;
+
+/// SageMaker's payload limit for real-time invocations.
+pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
+
+/// The header that carries the request id back to the client.
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    engine: Engine,
+    limits: Limits,
+}
+
+impl AppState {
+    pub fn new(engine: Engine, limits: Limits) -> Self {
+        Self { engine, limits }
+    }
+}
+
+/// A request's id, set by the middleware for the handlers' logs.
+#[derive(Debug, Clone)]
+struct RequestId(String);
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/invocations", post(invocations))
+        .route("/endpoints/{name}/invocations", post(invocations))
+        .route("/ping", get(ping))
+        .route("/execution-parameters", get(execution_parameters))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(with_request_id))
+        .with_state(state)
+}
+
+/// Reuses a client's `X-Request-Id` when it is a plain token, else makes one; echoes it back.
+async fn with_request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()));
+    request.extensions_mut().insert(RequestId(id.clone()));
+    let mut response = next.run(request).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    }
+    response
+}
+
+async fn ping() -> StatusCode {
+    StatusCode::OK
+}
+
+/// SageMaker batch transform asks this once to size its requests.
+async fn execution_parameters(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(json!({
+        "MaxConcurrentTransforms": state.engine.config().queue_capacity,
+        "BatchStrategy": "SINGLE_RECORD",
+        "MaxPayloadInMB": MAX_BODY_BYTES / (1024 * 1024),
+    }))
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(uri.path())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// JSON is the only body this service reads; a missing Content-Type is taken as JSON.
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if essence == "application/json" {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type must be application/json, got {:?}",
+                value.to_str().unwrap_or("<binary>")
+            ),
+        ))
+    }
+}
+
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                format!("the body exceeds {MAX_BODY_BYTES} bytes (6 MB)"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                rejection.body_text(),
+            )
+        }
+    })
+}
+
+async fn invocations(
+    State(state): State<AppState>,
+    Extension(RequestId(request_id)): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let received = Instant::now();
+    let mut mode = None;
+    let result = async {
+        check_content_type(&headers)?;
+        let body = read_body(body)?;
+        let request = GenerationRequest::from_json(&body, &state.limits)?;
+        mode = Some(request.mode.name());
+        Ok::<_, ApiError>(state.engine.generate(request).await?)
+    }
+    .await;
+    let total_ms = received.elapsed().as_millis() as u64;
+    match result {
+        Ok(completed) => {
+            info!(
+                request_id,
+                status = 200,
+                mode = mode.unwrap_or("-"),
+                prompt_tokens = completed.output.prompt_tokens,
+                generated_tokens = completed.output.generated_tokens,
+                queue_ms = completed.queued.as_millis() as u64,
+                generation_ms = completed.generation.as_millis() as u64,
+                total_ms,
+                "invocation"
+            );
+            Json(completed.output.texts).into_response()
+        }
+        Err(error) => {
+            info!(
+                request_id,
+                status = error.status.as_u16(),
+                mode = mode.unwrap_or("-"),
+                error_type = error.error_type,
+                error = %error.message,
+                total_ms,
+                "invocation failed"
+            );
+            error.into_response()
+        }
+    }
+}
