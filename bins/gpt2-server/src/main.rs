@@ -63,7 +63,8 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-    info!(%addr, "listening");
+    let bound = listener.local_addr().unwrap_or(addr);
+    info!(addr = %bound, "listening");
 
     let shutdown = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = shutdown.clone();
