@@ -29,6 +29,25 @@ enum Command {
     },
     /// Generate text: the request's fields come from --request (the HTTP body) and/or flags.
     Generate(GenerateArgs),
+    /// Time a request: load the model once, run the request --warmup + --runs times, print one
+    /// JSON line with the run times (model loading excluded).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Model directory (default: /opt/ml/model when it exists, else the demo model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A file holding the JSON request body, or - for standard input.
+    #[arg(long)]
+    request: String,
+    /// Timed runs.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// Untimed runs first.
+    #[arg(long, default_value_t = 1)]
+    warmup: u64,
 }
 
 #[derive(Args)]
@@ -113,6 +132,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Tokenize { model, text } => tokenize(model, &text),
         Command::Generate(args) => generate(args),
+        Command::Bench(args) => time_request(args),
     };
     match result {
         Ok(output) => {
@@ -149,28 +169,29 @@ fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
     Ok(format!("{}\n", Value::from(ids)))
 }
 
+/// Reads a JSON object from a file, or from standard input for `-`.
+fn read_request_file(source: &str) -> Result<Map<String, Value>, Failure> {
+    let mut body = Vec::new();
+    let read = if source == "-" {
+        std::io::stdin().read_to_end(&mut body).map(|_| ())
+    } else {
+        std::fs::read(source).map(|bytes| body = bytes)
+    };
+    read.map_err(|e| Failure::usage(format!("--request {source}: {e}")))?;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(_) => Err(Failure::usage(
+            "malformed JSON body: the body must be a JSON object",
+        )),
+        Err(e) => Err(Failure::usage(format!("malformed JSON body: {e}"))),
+    }
+}
+
 /// The request object: the --request body, then every flag given on top of it.
 fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
     let mut object = match &args.request {
         None => Map::new(),
-        Some(source) => {
-            let mut body = Vec::new();
-            let read = if source == "-" {
-                std::io::stdin().read_to_end(&mut body).map(|_| ())
-            } else {
-                std::fs::read(source).map(|bytes| body = bytes)
-            };
-            read.map_err(|e| Failure::usage(format!("--request {source}: {e}")))?;
-            match serde_json::from_slice::<Value>(&body) {
-                Ok(Value::Object(object)) => object,
-                Ok(_) => {
-                    return Err(Failure::usage(
-                        "malformed JSON body: the body must be a JSON object",
-                    ))
-                }
-                Err(e) => return Err(Failure::usage(format!("malformed JSON body: {e}"))),
-            }
-        }
+        Some(source) => read_request_file(source)?,
     };
     let mut set = |name: &str, value: Option<Value>| {
         if let Some(value) = value {
@@ -197,9 +218,12 @@ fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
     Ok(object)
 }
 
-fn generate(args: GenerateArgs) -> Result<String, Failure> {
-    let object = request_object(&args)?;
-    if let Some(dir) = &args.model {
+/// Validates the request (which needs no model, so a bad one fails fast), then loads the model.
+fn prepare(
+    model: Option<&std::path::Path>,
+    object: &Map<String, Value>,
+) -> Result<(Pipeline, GenerationRequest), Failure> {
+    if let Some(dir) = model {
         if !dir.is_dir() {
             return Err(Failure::usage(format!(
                 "--model {}: not a directory",
@@ -207,17 +231,48 @@ fn generate(args: GenerateArgs) -> Result<String, Failure> {
             )));
         }
     }
-    let source = ModelSource::resolve(args.model.as_deref());
-    // Validate what needs no model first, so a bad request fails fast.
+    let source = ModelSource::resolve(model);
     let limits = gpt2_engine::Limits::default();
-    let request = GenerationRequest::from_object(&object, &limits)
+    let request = GenerationRequest::from_object(object, &limits)
         .map_err(|e| Failure::usage(e.to_string()))?;
     if source == ModelSource::Demo {
         eprintln!(
             "gpt2: warning: using the DEMO model (random weights: its text is noise, not GPT-2); pass --model <DIR>"
         );
     }
-    let pipeline = Pipeline::from_source(&source)?;
+    Ok((Pipeline::from_source(&source)?, request))
+}
+
+fn time_request(args: BenchArgs) -> Result<String, Failure> {
+    let object = read_request_file(&args.request)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), &object)?;
+    for _ in 0..args.warmup {
+        pipeline.run(&request, || false)?;
+    }
+    let mut runs = Vec::new();
+    let mut generated_tokens = 0;
+    for _ in 0..args.runs {
+        let started = std::time::Instant::now();
+        let output = pipeline.run(&request, || false)?;
+        runs.push(started.elapsed().as_secs_f64());
+        generated_tokens = output.generated_tokens;
+    }
+    let mut sorted = runs.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let line = serde_json::json!({
+        "engine": "gpt2-rs",
+        "runs": runs,
+        "median_s": median,
+        "generated_tokens": generated_tokens,
+        "tokens_per_s": generated_tokens as f64 / median,
+    });
+    Ok(format!("{line}\n"))
+}
+
+fn generate(args: GenerateArgs) -> Result<String, Failure> {
+    let object = request_object(&args)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), &object)?;
     let texts = pipeline.generate(&request)?;
     if args.json || args.request.is_some() {
         return Ok(format!("{}\n", Value::from(texts)));

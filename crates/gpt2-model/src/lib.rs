@@ -23,6 +23,8 @@
 mod cache;
 mod config;
 mod demo;
+mod kernels;
+mod memory;
 mod model;
 mod weights;
 
@@ -132,7 +134,7 @@ impl Gpt2Model {
         std::fs::write(&config_path, demo::hf_config_json(self.config()))
             .map_err(io(&config_path))?;
         let weights_path = dir.join("model.safetensors");
-        let named = self.named_weights();
+        let named = self.named_weights().map_err(ModelError::from_candle)?;
         let named: std::collections::HashMap<String, candle_core::Tensor> =
             named.into_iter().collect();
         candle_core::safetensors::save(&named, &weights_path).map_err(|e| ModelError::Weights {

@@ -1,6 +1,7 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::weights::NamedTensors;
+use crate::{kernels, memory};
 use crate::{Activation, Gpt2Config, KvCache, ModelError};
 
 /// Which positions of the input get logits.
@@ -12,10 +13,11 @@ pub enum LogitsFor {
     All,
 }
 
-/// A dense layer stored as GPT-2's `Conv1D`: `weight` is `(in, out)`, so `y = x·W + b`.
+/// A dense layer from GPT-2's `Conv1D`. The checkpoint stores `(in, out)`; it is kept transposed,
+/// `(out, in)`, so that each output's weights are contiguous for the decode kernel.
 #[derive(Debug, Clone)]
 struct Conv1D {
-    weight: Tensor,
+    weight_t: Tensor,
     bias: Tensor,
 }
 
@@ -26,15 +28,38 @@ impl Conv1D {
         n_in: usize,
         n_out: usize,
     ) -> Result<Self, ModelError> {
+        let name = format!("{prefix}.weight");
+        let weight = weights.take(&name, &[n_in, n_out])?;
+        let weight_t = memory::to_huge_pages(&weight, true).map_err(|e| ModelError::Tensor {
+            name,
+            reason: e.to_string(),
+        })?;
         Ok(Self {
-            weight: weights.take(&format!("{prefix}.weight"), &[n_in, n_out])?,
+            weight_t,
             bias: weights.take(&format!("{prefix}.bias"), &[n_out])?,
         })
     }
 
     /// `xs`: `(rows, in)` → `(rows, out)`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        xs.matmul(&self.weight)?.broadcast_add(&self.bias)
+        linear(xs, &self.weight_t, &self.bias)
+    }
+
+    /// The weight in the checkpoint's `(in, out)` layout.
+    fn weight(&self) -> candle_core::Result<Tensor> {
+        self.weight_t.t()?.contiguous()
+    }
+}
+
+/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`. Decode-shaped inputs (a few rows)
+/// go to the streaming kernel, larger ones to gemm.
+fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    let rows = xs.dim(0)?;
+    if rows <= kernels::MAX_ROWS && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
+        xs.contiguous()?
+            .apply_op3_no_bwd(w, bias, &kernels::SmallRowsMatmul)
+    } else {
+        xs.matmul(&w.t()?)?.broadcast_add(bias)
     }
 }
 
@@ -219,6 +244,8 @@ pub struct Gpt2Model {
     ln_f: LayerNorm,
     /// `(vocab, n_embd)`; the same tensor as `wte` when the embeddings are tied.
     lm_head: Tensor,
+    /// Zeros: GPT-2's LM head has no bias, the decode kernel takes one.
+    lm_head_bias: Tensor,
     device: Device,
 }
 
@@ -230,7 +257,16 @@ impl Gpt2Model {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         let cfg = &config;
-        let wte = weights.take("wte.weight", &[cfg.vocab_size, cfg.n_embd])?;
+        let huge = |name: &str, t: Tensor| {
+            memory::to_huge_pages(&t, false).map_err(|e| ModelError::Tensor {
+                name: name.to_string(),
+                reason: e.to_string(),
+            })
+        };
+        let wte = huge(
+            "wte.weight",
+            weights.take("wte.weight", &[cfg.vocab_size, cfg.n_embd])?,
+        )?;
         let wpe = weights.take("wpe.weight", &[cfg.n_positions, cfg.n_embd])?;
         let blocks = (0..cfg.n_layer)
             .map(|idx| Block::load(&mut weights, idx, cfg))
@@ -239,8 +275,13 @@ impl Gpt2Model {
         let lm_head = if cfg.tie_word_embeddings {
             wte.clone()
         } else {
-            weights.take("lm_head.weight", &[cfg.vocab_size, cfg.n_embd])?
+            huge(
+                "lm_head.weight",
+                weights.take("lm_head.weight", &[cfg.vocab_size, cfg.n_embd])?,
+            )?
         };
+        let lm_head_bias =
+            Tensor::zeros(cfg.vocab_size, DType::F32, device).map_err(ModelError::from_candle)?;
         if cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
             tracing::debug!("lm_head.weight ignored: tie_word_embeddings shares wte");
         }
@@ -251,6 +292,7 @@ impl Gpt2Model {
             blocks,
             ln_f,
             lm_head,
+            lm_head_bias,
             device: device.clone(),
         })
     }
@@ -355,12 +397,15 @@ impl Gpt2Model {
             .ln_f
             .forward(&xs)?
             .reshape((batch * positions, n_embd))?;
-        xs.matmul(&self.lm_head.t()?)?
-            .reshape((batch, positions, self.config.vocab_size))
+        linear(&xs, &self.lm_head, &self.lm_head_bias)?.reshape((
+            batch,
+            positions,
+            self.config.vocab_size,
+        ))
     }
 
     /// The weight tensors under HF's bare names, for writing a checkpoint.
-    pub fn named_weights(&self) -> Vec<(String, Tensor)> {
+    pub fn named_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut named = vec![
             ("wte.weight".to_string(), self.wte.clone()),
             ("wpe.weight".to_string(), self.wpe.clone()),
@@ -368,31 +413,27 @@ impl Gpt2Model {
         for (idx, block) in self.blocks.iter().enumerate() {
             let p = format!("h.{idx}");
             let pairs = [
-                ("ln_1.weight", &block.ln_1.weight),
-                ("ln_1.bias", &block.ln_1.bias),
-                ("attn.c_attn.weight", &block.attn.c_attn.weight),
-                ("attn.c_attn.bias", &block.attn.c_attn.bias),
-                ("attn.c_proj.weight", &block.attn.c_proj.weight),
-                ("attn.c_proj.bias", &block.attn.c_proj.bias),
-                ("ln_2.weight", &block.ln_2.weight),
-                ("ln_2.bias", &block.ln_2.bias),
-                ("mlp.c_fc.weight", &block.mlp.c_fc.weight),
-                ("mlp.c_fc.bias", &block.mlp.c_fc.bias),
-                ("mlp.c_proj.weight", &block.mlp.c_proj.weight),
-                ("mlp.c_proj.bias", &block.mlp.c_proj.bias),
+                ("ln_1.weight", block.ln_1.weight.clone()),
+                ("ln_1.bias", block.ln_1.bias.clone()),
+                ("attn.c_attn.weight", block.attn.c_attn.weight()?),
+                ("attn.c_attn.bias", block.attn.c_attn.bias.clone()),
+                ("attn.c_proj.weight", block.attn.c_proj.weight()?),
+                ("attn.c_proj.bias", block.attn.c_proj.bias.clone()),
+                ("ln_2.weight", block.ln_2.weight.clone()),
+                ("ln_2.bias", block.ln_2.bias.clone()),
+                ("mlp.c_fc.weight", block.mlp.c_fc.weight()?),
+                ("mlp.c_fc.bias", block.mlp.c_fc.bias.clone()),
+                ("mlp.c_proj.weight", block.mlp.c_proj.weight()?),
+                ("mlp.c_proj.bias", block.mlp.c_proj.bias.clone()),
             ];
-            named.extend(
-                pairs
-                    .into_iter()
-                    .map(|(n, t)| (format!("{p}.{n}"), t.clone())),
-            );
+            named.extend(pairs.into_iter().map(|(n, t)| (format!("{p}.{n}"), t)));
         }
         named.push(("ln_f.weight".to_string(), self.ln_f.weight.clone()));
         named.push(("ln_f.bias".to_string(), self.ln_f.bias.clone()));
         if !self.config.tie_word_embeddings {
             named.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
-        named
+        Ok(named)
     }
 }
 

@@ -1,0 +1,434 @@
+//! The decode-step matmul: a few activation rows times a weight matrix stored `(out, in)`.
+//!
+//! During decoding each sequence contributes one row, so a step multiplies a handful of rows by
+//! every weight matrix. gemm is shaped for large M and reaches a fraction of memory bandwidth
+//! there; this kernel streams each weight row once and dots it with every activation row while it
+//! sits in L1, so a step reads the weights exactly once for the whole batch.
+//!
+//! The arithmetic is written over fixed-width lane arrays, which LLVM turns into SIMD without
+//! reassociating floats; the same body is compiled for AVX-512, AVX2+FMA and baseline x86-64, and
+//! the widest the CPU has is picked at run time.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
+use rayon::prelude::*;
+
+/// Lanes per accumulator: one AVX-512 register, two AVX2 registers.
+const LANES: usize = 16;
+/// Weight rows processed together, so each activation load feeds several FMAs.
+const ROW_BLOCK: usize = 4;
+/// Activation rows processed together, so each weight load feeds several FMAs.
+#[cfg(target_arch = "x86_64")]
+const ROW_GROUP: usize = 4;
+/// Output columns per parallel task: large enough to amortise scheduling, small enough to
+/// spread a 768-wide projection over two cores.
+const TASK_COLUMNS: usize = 64;
+
+/// Largest number of activation rows the kernel handles; beyond it gemm wins.
+pub(crate) const MAX_ROWS: usize = 16;
+
+#[inline(always)]
+fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `out[r][j] = x[r] · w[j] + bias[j]` for the weight rows `w` of one task.
+#[inline(always)]
+fn dot_rows<const FMA: bool>(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let n = bias.len();
+    let full_lanes = k / LANES * LANES;
+    let mut j = 0;
+    while j < n {
+        let block = ROW_BLOCK.min(n - j);
+        if block == ROW_BLOCK {
+            let w0 = &w[j * k..(j + 1) * k];
+            let w1 = &w[(j + 1) * k..(j + 2) * k];
+            let w2 = &w[(j + 2) * k..(j + 3) * k];
+            let w3 = &w[(j + 3) * k..(j + 4) * k];
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                let mut acc = [[0.0f32; LANES]; ROW_BLOCK];
+                let mut i = 0;
+                while i < full_lanes {
+                    let xs = &xr[i..i + LANES];
+                    for l in 0..LANES {
+                        acc[0][l] = multiply_add::<FMA>(xs[l], w0[i + l], acc[0][l]);
+                        acc[1][l] = multiply_add::<FMA>(xs[l], w1[i + l], acc[1][l]);
+                        acc[2][l] = multiply_add::<FMA>(xs[l], w2[i + l], acc[2][l]);
+                        acc[3][l] = multiply_add::<FMA>(xs[l], w3[i + l], acc[3][l]);
+                    }
+                    i += LANES;
+                }
+                let mut sums = [0.0f32; ROW_BLOCK];
+                for (b, sum) in sums.iter_mut().enumerate() {
+                    *sum = acc[b].iter().sum();
+                }
+                for i in full_lanes..k {
+                    sums[0] = multiply_add::<FMA>(xr[i], w0[i], sums[0]);
+                    sums[1] = multiply_add::<FMA>(xr[i], w1[i], sums[1]);
+                    sums[2] = multiply_add::<FMA>(xr[i], w2[i], sums[2]);
+                    sums[3] = multiply_add::<FMA>(xr[i], w3[i], sums[3]);
+                }
+                for (b, sum) in sums.iter().enumerate() {
+                    out[r * out_stride + j + b] = sum + bias[j + b];
+                }
+            }
+        } else {
+            for jj in j..j + block {
+                let wj = &w[jj * k..(jj + 1) * k];
+                for r in 0..rows {
+                    let xr = &x[r * k..(r + 1) * k];
+                    let mut acc = [0.0f32; LANES];
+                    let mut i = 0;
+                    while i < full_lanes {
+                        for l in 0..LANES {
+                            acc[l] = multiply_add::<FMA>(xr[i + l], wj[i + l], acc[l]);
+                        }
+                        i += LANES;
+                    }
+                    let mut sum: f32 = acc.iter().sum();
+                    for i in full_lanes..k {
+                        sum = multiply_add::<FMA>(xr[i], wj[i], sum);
+                    }
+                    out[r * out_stride + jj] = sum + bias[jj];
+                }
+            }
+        }
+        j += block;
+    }
+}
+
+/// The same computation as [`dot_rows`] with explicit vector intrinsics, for one instruction set.
+/// Written as a macro so the AVX-512 and AVX2 versions cannot drift apart.
+///
+/// Each block of [`ROW_BLOCK`] weight rows is streamed once per group of up to [`ROW_GROUP`]
+/// activation rows, every weight vector feeding one FMA per row of the group; while the first group
+/// runs, the next block's weights are prefetched so that memory never idles during arithmetic.
+#[cfg(target_arch = "x86_64")]
+macro_rules! simd_dot_rows {
+    ($name:ident, $group:ident, $features:literal, $width:expr, $vector:ty, $zero:ident, $load:ident, $fma:ident, $sum:expr) => {
+        #[target_feature(enable = $features)]
+        #[inline]
+        unsafe fn $group<const RG: usize>(
+            xr: *const f32,
+            k: usize,
+            w0: *const f32,
+            prefetch: Option<*const f32>,
+        ) -> [[f32; ROW_BLOCK]; RG] {
+            use std::arch::x86_64::*;
+            let vector_end = k / $width * $width;
+            let mut acc: [[$vector; ROW_BLOCK]; RG] = [[$zero(); ROW_BLOCK]; RG];
+            let mut i = 0;
+            while i < vector_end {
+                let w = [
+                    $load(w0.add(i)),
+                    $load(w0.add(k + i)),
+                    $load(w0.add(2 * k + i)),
+                    $load(w0.add(3 * k + i)),
+                ];
+                if let Some(next) = prefetch {
+                    // One prefetch per 64-byte line of each of the next block's rows.
+                    if (i * 4) % 64 == 0 {
+                        for b in 0..ROW_BLOCK {
+                            _mm_prefetch::<_MM_HINT_T0>(next.add(b * k + i) as *const i8);
+                        }
+                    }
+                }
+                for r in 0..RG {
+                    let xv = $load(xr.add(r * k + i));
+                    for b in 0..ROW_BLOCK {
+                        acc[r][b] = $fma(xv, w[b], acc[r][b]);
+                    }
+                }
+                i += $width;
+            }
+            let mut sums = [[0.0f32; ROW_BLOCK]; RG];
+            for r in 0..RG {
+                for b in 0..ROW_BLOCK {
+                    let mut sum = $sum(acc[r][b]);
+                    for t in vector_end..k {
+                        sum = (*xr.add(r * k + t)).mul_add(*w0.add(b * k + t), sum);
+                    }
+                    sums[r][b] = sum;
+                }
+            }
+            sums
+        }
+
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            x: &[f32],
+            rows: usize,
+            k: usize,
+            w: &[f32],
+            bias: &[f32],
+            out: &mut [f32],
+            stride: usize,
+        ) {
+            let n = bias.len();
+            assert!(
+                x.len() >= rows * k
+                    && w.len() >= n * k
+                    && out.len() >= (rows.max(1) - 1) * stride + n
+            );
+            let mut j = 0;
+            while j + ROW_BLOCK <= n {
+                let w0 = w.as_ptr().add(j * k);
+                let next = (j + 2 * ROW_BLOCK <= n).then(|| w0.add(ROW_BLOCK * k));
+                let mut r = 0;
+                while r < rows {
+                    let group = ROW_GROUP.min(rows - r);
+                    let xr = x.as_ptr().add(r * k);
+                    let prefetch = if r == 0 { next } else { None };
+                    let mut store = |sums: &[[f32; ROW_BLOCK]]| {
+                        for (g, row) in sums.iter().enumerate() {
+                            for b in 0..ROW_BLOCK {
+                                out[(r + g) * stride + j + b] = row[b] + bias[j + b];
+                            }
+                        }
+                    };
+                    match group {
+                        4 => store(&$group::<4>(xr, k, w0, prefetch)),
+                        3 => store(&$group::<3>(xr, k, w0, prefetch)),
+                        2 => store(&$group::<2>(xr, k, w0, prefetch)),
+                        _ => store(&$group::<1>(xr, k, w0, prefetch)),
+                    }
+                    r += group;
+                }
+                j += ROW_BLOCK;
+            }
+            if j < n {
+                dot_rows::<true>(x, rows, k, &w[j * k..], &bias[j..], &mut out[j..], stride);
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn sum_avx2(v: std::arch::x86_64::__m256) -> f32 {
+    let mut lanes = [0.0f32; 8];
+    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    lanes.iter().sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+simd_dot_rows!(
+    dot_rows_avx512,
+    group_avx512,
+    "avx512f,avx2,fma",
+    16,
+    std::arch::x86_64::__m512,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_fmadd_ps,
+    |v| _mm512_reduce_add_ps(v)
+);
+
+#[cfg(target_arch = "x86_64")]
+simd_dot_rows!(
+    dot_rows_avx2,
+    group_avx2,
+    "avx2,fma",
+    8,
+    std::arch::x86_64::__m256,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_fmadd_ps,
+    |v| sum_avx2(v)
+);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Baseline,
+}
+
+fn detect_isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx512;
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Baseline
+}
+
+fn isa() -> Isa {
+    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *ISA.get_or_init(detect_isa)
+}
+
+/// Dispatches one task to the widest instruction set available.
+fn dot_rows_dispatch(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    bias: &[f32],
+    out: &mut [f32],
+    stride: usize,
+) {
+    match isa() {
+        // SAFETY: the CPU was checked for these features.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => unsafe { dot_rows_avx512(x, rows, k, w, bias, out, stride) },
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => unsafe { dot_rows_avx2(x, rows, k, w, bias, out, stride) },
+        _ => dot_rows::<false>(x, rows, k, w, bias, out, stride),
+    }
+}
+
+/// `y = x · wᵀ + bias` with `x`: `(rows, k)`, `w`: `(n, k)`, `bias`: `n` (zeros when absent),
+/// `y`: `(rows, n)`, all row-major and contiguous.
+pub(crate) fn small_rows_matmul(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let zeros;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zeros = vec![0.0f32; n];
+            &zeros
+        }
+    };
+    // Each task owns a column range of every output row: compute it into a local tile, then copy.
+    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_COLUMNS))
+        .into_par_iter()
+        .map(|task| {
+            let start = task * TASK_COLUMNS;
+            let end = (start + TASK_COLUMNS).min(n);
+            let width = end - start;
+            let mut tile = vec![0.0f32; rows * width];
+            dot_rows_dispatch(
+                x,
+                rows,
+                k,
+                &w[start * k..end * k],
+                &bias[start..end],
+                &mut tile,
+                width,
+            );
+            (start, tile)
+        })
+        .collect();
+    let mut y = vec![0.0f32; rows * n];
+    for (start, tile) in tiles {
+        let width = tile.len() / rows;
+        for r in 0..rows {
+            y[r * n + start..r * n + start + width]
+                .copy_from_slice(&tile[r * width..(r + 1) * width]);
+        }
+    }
+    y
+}
+
+/// `x · wᵀ + b` as a candle op, for `x` with at most [`MAX_ROWS`] rows.
+pub(crate) struct SmallRowsMatmul;
+
+impl CustomOp3 for SmallRowsMatmul {
+    fn name(&self) -> &'static str {
+        "small-rows-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        w: &CpuStorage,
+        w_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (rows, k) = x_layout.shape().dims2()?;
+        let (n, wk) = w_layout.shape().dims2()?;
+        if wk != k || b_layout.shape().dims1()? != n {
+            candle_core::bail!(
+                "small-rows-matmul: shapes {:?} {:?} {:?}",
+                x_layout.shape(),
+                w_layout.shape(),
+                b_layout.shape()
+            );
+        }
+        let contiguous = |layout: &Layout| layout.contiguous_offsets();
+        let (Some((xs, xe)), Some((ws, we)), Some((bs, be))) = (
+            contiguous(x_layout),
+            contiguous(w_layout),
+            contiguous(b_layout),
+        ) else {
+            candle_core::bail!("small-rows-matmul needs contiguous inputs");
+        };
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
+            candle_core::bail!("small-rows-matmul is f32 only");
+        };
+        let y = small_rows_matmul(&x[xs..xe], rows, &w[ws..we], n, k, Some(&b[bs..be]));
+        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: &[f32]) -> Vec<f32> {
+        let mut y = vec![0.0f32; rows * n];
+        for r in 0..rows {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for i in 0..k {
+                    s += f64::from(x[r * k + i]) * f64::from(w[j * k + i]);
+                }
+                y[r * n + j] = s as f32 + bias[j];
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn matches_a_plain_matmul_for_awkward_shapes() {
+        let mut seed = 1u32;
+        let mut next = || {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        };
+        for (rows, n, k) in [
+            (1, 1, 1),
+            (3, 7, 33),
+            (16, 130, 768),
+            (5, 64, 17),
+            (2, 257, 64),
+        ] {
+            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
+            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
+            let b: Vec<f32> = (0..n).map(|_| next()).collect();
+            let ours = small_rows_matmul(&x, rows, &w, n, k, Some(&b));
+            let expected = reference(&x, rows, &w, n, k, &b);
+            for (o, e) in ours.iter().zip(&expected) {
+                assert!((o - e).abs() < 1e-4, "({rows},{n},{k}): {o} vs {e}");
+            }
+        }
+    }
+}
