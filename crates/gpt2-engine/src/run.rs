@@ -28,8 +28,9 @@ pub fn generate_ids(
     params: GenerationParams,
     mut should_stop: impl FnMut() -> bool,
 ) -> Result<Vec<Vec<u32>>, EngineError> {
+    let max_length = params.max_length;
     let mut generator = Generator::new(prompt, params, model.config().vocab_size)?;
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_with_capacity(max_length);
     let prompt_tensor = to_tensor(prompt, 1, model)?;
     let mut logits = last_logits(&model.forward(&prompt_tensor, &mut cache, LogitsFor::Last)?)?;
     while let Some(step) = generator.advance(&logits)? {

@@ -1,4 +1,5 @@
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::weights::NamedTensors;
 use crate::{kernels, memory};
@@ -125,42 +126,157 @@ impl Attention {
         })
     }
 
-    /// `xs`: `(batch, new, n_embd)`; `cache` holds `(batch, n_head, past, head_dim)` keys and values.
+    /// `xs`: `(batch, new, n_embd)`, continuing the `past` positions held by `cache`'s layer
+    /// `layer`, where this step's keys and values are written.
     fn forward(
         &self,
         xs: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut KvCache,
+        layer: usize,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
         let (batch, new, n_embd) = xs.dims3()?;
-        let qkv = self
-            .c_attn
-            .forward(&xs.reshape((batch * new, n_embd))?)?
-            .reshape((batch, new, 3, self.n_head, self.head_dim))?
-            .permute((2, 0, 3, 1, 4))?;
-        let q = qkv.get(0)?.contiguous()?;
-        let k = qkv.get(1)?.contiguous()?;
-        let v = qkv.get(2)?.contiguous()?;
-        let (k, v) = match cache.take() {
-            Some((past_k, past_v)) => (
-                Tensor::cat(&[&past_k, &k], 2)?,
-                Tensor::cat(&[&past_v, &v], 2)?,
-            ),
-            None => (k, v),
+        let past = cache.seq_len;
+        let qkv = self.c_attn.forward(&xs.reshape((batch * new, n_embd))?)?;
+        let qkv_data = qkv.flatten_all()?.to_vec1::<f32>()?;
+        self.write_cache(&qkv_data, batch, new, cache, layer);
+        let ys = if new == 1 {
+            let out = self.decode_attention(&qkv_data, batch, cache, layer);
+            Tensor::from_vec(out, (batch, n_embd), xs.device())?
+        } else {
+            let qkv = qkv
+                .reshape((batch, new, 3, self.n_head, self.head_dim))?
+                .permute((2, 0, 3, 1, 4))?;
+            let q = qkv.get(0)?.contiguous()?;
+            let (k, v) = if past == 0 {
+                (qkv.get(1)?.contiguous()?, qkv.get(2)?.contiguous()?)
+            } else {
+                cached_keys_and_values(cache, layer, batch, past + new, xs.device())?
+            };
+            let scores = (q.matmul(&k.t()?)? * self.scale)?;
+            let scores = match mask {
+                Some(mask) => scores.broadcast_add(mask)?,
+                None => scores,
+            };
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((batch * new, n_embd))?
         };
-        let scores = (q.matmul(&k.t()?)? * self.scale)?;
-        let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
-            None => scores,
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let ys = probs
-            .matmul(&v)?
-            .transpose(1, 2)?
-            .reshape((batch * new, n_embd))?;
-        *cache = Some((k, v));
         self.c_proj.forward(&ys)?.reshape((batch, new, n_embd))
     }
+
+    /// Copies this step's keys and values from the `(rows, 3·n_embd)` projection into the cache.
+    fn write_cache(
+        &self,
+        qkv: &[f32],
+        batch: usize,
+        new: usize,
+        cache: &mut KvCache,
+        layer: usize,
+    ) {
+        let n_embd = self.n_head * self.head_dim;
+        let d = self.head_dim;
+        let past = cache.seq_len;
+        for b in 0..batch {
+            for t in 0..new {
+                let row = &qkv[(b * new + t) * 3 * n_embd..(b * new + t + 1) * 3 * n_embd];
+                for h in 0..self.n_head {
+                    let at = cache.offset(b, h, past + t);
+                    let entry = &mut cache.layers[layer];
+                    entry.k[at..at + d].copy_from_slice(&row[n_embd + h * d..n_embd + (h + 1) * d]);
+                    entry.v[at..at + d]
+                        .copy_from_slice(&row[2 * n_embd + h * d..2 * n_embd + (h + 1) * d]);
+                }
+            }
+        }
+    }
+
+    /// One query per row attends to every cached position of its row: `(rows, n_embd)`.
+    fn decode_attention(
+        &self,
+        qkv: &[f32],
+        batch: usize,
+        cache: &KvCache,
+        layer: usize,
+    ) -> Vec<f32> {
+        let n_embd = self.n_head * self.head_dim;
+        let (d, n_head, scale) = (self.head_dim, self.n_head, self.scale as f32);
+        let positions = cache.seq_len + 1;
+        let entry = &cache.layers[layer];
+        let mut out = vec![0.0f32; batch * n_embd];
+        out.par_chunks_mut(d)
+            .with_min_len(4)
+            .enumerate()
+            .for_each(|(task, head_out)| {
+                let (b, h) = (task / n_head, task % n_head);
+                let q = &qkv[b * 3 * n_embd + h * d..b * 3 * n_embd + (h + 1) * d];
+                let base = cache.offset(b, h, 0);
+                let keys = &entry.k[base..base + positions * d];
+                let values = &entry.v[base..base + positions * d];
+                let mut scores: Vec<f32> = keys
+                    .chunks_exact(d)
+                    .map(|key| dot(q, key) * scale)
+                    .collect();
+                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut total = 0.0f32;
+                for score in &mut scores {
+                    *score = (*score - max).exp();
+                    total += *score;
+                }
+                for (score, value) in scores.iter().zip(values.chunks_exact(d)) {
+                    let weight = score / total;
+                    for (o, v) in head_out.iter_mut().zip(value) {
+                        *o += weight * v;
+                    }
+                }
+            });
+        out
+    }
+}
+
+/// `x · y` over lane-wise partial sums, which LLVM vectorises without reassociating floats.
+#[inline]
+fn dot(x: &[f32], y: &[f32]) -> f32 {
+    const LANES: usize = 8;
+    let mut acc = [0.0f32; LANES];
+    let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (xs, ys) in xc.zip(yc) {
+        for l in 0..LANES {
+            acc[l] += xs[l] * ys[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// The first `positions` keys and values of a layer as `(batch, n_head, positions, head_dim)`.
+fn cached_keys_and_values(
+    cache: &KvCache,
+    layer: usize,
+    batch: usize,
+    positions: usize,
+    device: &Device,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let d = cache.head_dim;
+    let gather = |buffer: &[f32]| {
+        let mut data = Vec::with_capacity(batch * cache.n_head * positions * d);
+        for b in 0..batch {
+            for h in 0..cache.n_head {
+                let at = cache.offset(b, h, 0);
+                data.extend_from_slice(&buffer[at..at + positions * d]);
+            }
+        }
+        Tensor::from_vec(data, (batch, cache.n_head, positions, d), device)
+    };
+    let entry = &cache.layers[layer];
+    Ok((gather(&entry.k)?, gather(&entry.v)?))
 }
 
 #[derive(Debug, Clone)]
@@ -225,10 +341,14 @@ impl Block {
     fn forward(
         &self,
         xs: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        cache: &mut KvCache,
+        layer: usize,
         mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?, cache, mask)?)?;
+        let xs = (xs
+            + self
+                .attn
+                .forward(&self.ln_1.forward(xs)?, cache, layer, mask)?)?;
         &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
     }
 }
@@ -307,9 +427,21 @@ impl Gpt2Model {
         &self.device
     }
 
-    /// An empty cache for this model.
+    /// An empty cache for this model, growing as sequences do.
     pub fn new_cache(&self) -> KvCache {
-        KvCache::new(self.config.n_layer)
+        self.new_cache_with_capacity(64)
+    }
+
+    /// An empty cache with room for `positions` positions per sequence (at most `n_positions`),
+    /// so that decoding up to that length never reallocates.
+    pub fn new_cache_with_capacity(&self, positions: usize) -> KvCache {
+        let c = &self.config;
+        KvCache::new(
+            c.n_layer,
+            c.n_head,
+            c.head_dim(),
+            positions.clamp(1, c.n_positions),
+        )
     }
 
     /// Runs `tokens` (`(batch, new)`, u32) after what `cache` already holds, appends their keys
@@ -327,11 +459,16 @@ impl Gpt2Model {
         if new == 0 || batch == 0 {
             return Err(ModelError::Input("no tokens to run".into()));
         }
-        if cache.layers.len() != self.blocks.len() {
+        if cache.layers.len() != self.blocks.len()
+            || cache.n_head != self.config.n_head
+            || cache.head_dim != self.config.head_dim()
+        {
             return Err(ModelError::Input(format!(
-                "cache has {} layers, model has {}",
+                "cache shaped for {} layers of {} heads, model has {} of {}",
                 cache.layers.len(),
-                self.blocks.len()
+                cache.n_head,
+                self.blocks.len(),
+                self.config.n_head
             )));
         }
         if cache.seq_len > 0 && cache.batch_size() != Some(batch) {
@@ -385,8 +522,9 @@ impl Gpt2Model {
         } else {
             None
         };
-        for (block, layer_cache) in self.blocks.iter().zip(cache.layers.iter_mut()) {
-            xs = block.forward(&xs, layer_cache, mask.as_ref())?;
+        cache.prepare(batch, past + new);
+        for (layer, block) in self.blocks.iter().enumerate() {
+            xs = block.forward(&xs, cache, layer, mask.as_ref())?;
         }
         let xs = match logits_for {
             LogitsFor::Last => xs.narrow(1, new - 1, 1)?,

@@ -118,3 +118,41 @@ fn batched_decode_equals_each_sequence_alone_and_forked_caches() {
         assert!(diff <= TOLERANCE, "row {row} differs by {diff}");
     }
 }
+
+#[test]
+fn chunked_prefill_and_cache_growth_equal_one_pass() {
+    let model = Gpt2Model::load(fixture("tiny-bare-bin"), &Device::Cpu).unwrap();
+    let device = Device::Cpu;
+    let tokens: Vec<u32> = vec![3, 141, 59, 26, 53, 58, 97, 93, 238, 46];
+    let all = Tensor::new(tokens.as_slice(), &device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let one_pass = model
+        .forward(&all, &mut model.new_cache(), LogitsFor::Last)
+        .unwrap();
+    // Two prefill chunks then single steps, in a cache that starts with room for 2 positions.
+    let mut cache = model.new_cache_with_capacity(2);
+    let first = Tensor::new(&tokens[..3], &device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let second = Tensor::new(&tokens[3..7], &device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    model.forward(&first, &mut cache, LogitsFor::Last).unwrap();
+    model.forward(&second, &mut cache, LogitsFor::Last).unwrap();
+    let mut last = None;
+    for &token in &tokens[7..] {
+        let step = Tensor::new(&[[token]], &device).unwrap();
+        last = Some(model.forward(&step, &mut cache, LogitsFor::Last).unwrap());
+    }
+    assert_eq!(cache.seq_len(), tokens.len());
+    assert!(cache.capacity() >= tokens.len());
+    let diff = max_abs_diff(&last.unwrap(), &one_pass);
+    assert!(
+        diff <= TOLERANCE,
+        "chunked and stepped logits differ by {diff}"
+    );
+}

@@ -1,0 +1,733 @@
+#!/usr/bin/env python3
+"""Compare gpt2-rs with Hugging Face transformers on CPU, and sweep the server's concurrency.
+
+Run from anywhere, with a Python that has torch, transformers, safetensors and matplotlib:
+
+    /path/to/venv/bin/python benches/compare/run.py
+
+Steps:
+  1. cargo build --release -p gpt2-cli -p gpt2-server      (skip with --no-build)
+  2. make_checkpoint.py --model-dir (random GPT-2 124M)     (skipped when it exists)
+  3. per shape (default, beam, greedy), HF then ours, same thread count:
+       hf_bench.py --model DIR --shape S --runs N --threads T
+       RAYON_NUM_THREADS=T target/release/gpt2 bench --model DIR --request FILE --runs N --warmup 1
+  4. concurrency sweep: start target/release/gpt2-server, N client threads POST the default
+     request to /invocations; generated tokens come from the server's JSON log lines.
+  5. print a table; write docs/performance.md, docs/performance.png, docs/performance.json
+     (or next to --output).
+
+Only the standard library and matplotlib are used here.
+"""
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+PROMPT = "This is an input text"
+
+# The request bodies of each single-request shape, as our engine receives them. hf_bench.py
+# builds the equivalent generate() call for the same shape name.
+SHAPES = {
+    # The contract's default: sample-top-p, top_k 50, top_p 0.92, max_length 100, 3 sequences.
+    "default": {"input": PROMPT, "seed": 1},
+    # 5 beams, no_repeat_ngram_size 2, 3 sequences returned.
+    "beam": {"input": PROMPT, "mode": "beam"},
+    "greedy": {"input": PROMPT, "mode": "greedy", "num_return_sequences": 1},
+}
+SHAPE_NOTES = {
+    "default": "sample-top-p (top_k 50, top_p 0.92), max_length 100, 3 sequences",
+    "beam": "5 beams, no_repeat_ngram_size 2, max_length 100, 3 returned",
+    "greedy": "greedy, max_length 100, 1 sequence",
+}
+
+
+class BenchError(Exception):
+    """A failure to report (with whatever output explains it) before exiting non-zero."""
+
+
+def log(msg: str) -> None:
+    print(f"[run] {msg}", file=sys.stderr, flush=True)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(open("/proc/loadavg").read().split()[:3])
+    except OSError:
+        return "?"
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocesses
+
+
+def run_checked(cmd, *, env=None, cwd=None, capture=True) -> subprocess.CompletedProcess:
+    """Run cmd; on failure raise BenchError carrying its stderr."""
+    shown = " ".join(str(c) for c in cmd)
+    try:
+        proc = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, text=True,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.PIPE if capture else None)
+    except OSError as e:
+        raise BenchError(f"could not start `{shown}`: {e}") from None
+    if proc.returncode != 0:
+        msg = f"`{shown}` exited with code {proc.returncode}"
+        if capture:
+            msg += f"\n--- its stderr ---\n{proc.stderr.rstrip()}\n--- end of stderr ---"
+        raise BenchError(msg)
+    return proc
+
+
+def last_json_line(stdout: str, what: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    raise BenchError(f"{what}: no JSON result line on stdout; stdout was:\n{stdout}")
+
+
+def build(args) -> None:
+    cmd = ["cargo", "build", "--release", "-p", "gpt2-cli", "-p", "gpt2-server"]
+    log("building: " + " ".join(cmd))
+    # cargo's output goes straight to the terminal so the (long) build shows progress.
+    run_checked(cmd, cwd=REPO_ROOT, capture=False)
+
+
+def ensure_checkpoint(model_dir: Path) -> None:
+    needed = ["config.json", "model.safetensors", "tokenizer.json"]
+    if all((model_dir / n).is_file() for n in needed):
+        log(f"checkpoint {model_dir} exists")
+        return
+    log(f"creating the random GPT-2 124M checkpoint in {model_dir}")
+    proc = run_checked([sys.executable, HERE / "make_checkpoint.py", model_dir])
+    log(proc.stdout.strip())
+    missing = [n for n in needed if not (model_dir / n).is_file()]
+    if missing:
+        raise BenchError(f"{model_dir} still lacks {missing} after make_checkpoint.py")
+
+
+# --------------------------------------------------------------------------------------------
+# Single-request shapes
+
+
+def summarize(raw: dict) -> dict:
+    """Median (statistics.median, for both engines alike) and tokens/s from a result line."""
+    runs = [float(t) for t in raw["runs"]]
+    median = statistics.median(runs)
+    tokens = int(raw["generated_tokens"])
+    return {"runs_s": runs, "median_s": median, "generated_tokens": tokens,
+            "tokens_per_s": tokens / median if median > 0 else None, "raw": raw}
+
+
+def bench_hf(args, shape: str) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, HERE / "hf_bench.py", "--model", args.model_dir, "--shape", shape,
+           "--runs", args.runs, "--threads", args.threads]
+    proc = run_checked(cmd, env=env)
+    return summarize(last_json_line(proc.stdout, f"hf_bench.py --shape {shape}"))
+
+
+def bench_ours(args, shape: str, request_file: Path) -> dict:
+    env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+    cmd = [args.gpt2_bin, "bench", "--model", args.model_dir, "--request", request_file,
+           "--runs", args.runs, "--warmup", "1"]
+    proc = run_checked(cmd, env=env)
+    return summarize(last_json_line(proc.stdout, f"gpt2 bench ({shape})"))
+
+
+def run_shapes(args, workdir: Path) -> dict:
+    results = {}
+    for shape in args.shapes:
+        request_file = workdir / f"request-{shape}.json"
+        request_file.write_text(json.dumps(SHAPES[shape]))
+        entry = {"request": SHAPES[shape], "description": SHAPE_NOTES[shape]}
+        if not args.skip_hf:
+            log(f"shape {shape}: HF transformers ({args.runs} runs, loadavg {loadavg()})")
+            entry["hf"] = bench_hf(args, shape)
+            log(f"  HF   median {entry['hf']['median_s']:.3f} s")
+        log(f"shape {shape}: gpt2-rs ({args.runs} runs, loadavg {loadavg()})")
+        entry["ours"] = bench_ours(args, shape, request_file)
+        log(f"  ours median {entry['ours']['median_s']:.3f} s")
+        if "hf" in entry:
+            entry["speedup"] = entry["hf"]["median_s"] / entry["ours"]["median_s"]
+        results[shape] = entry
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Concurrency sweep
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(values, q: float) -> float:
+    """Linear-interpolation percentile (q in [0, 100]), like numpy's default."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class Server:
+    """gpt2-server as a child process; its stderr log lines are collected by a reader thread."""
+
+    def __init__(self, args):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.lines = []          # every stderr line, for error reports
+        self.by_id = {}          # request_id -> parsed JSON invocation log line
+        self.cond = threading.Condition()
+        cmd = [str(args.server_bin), "--model", str(args.model_dir), "--host", "127.0.0.1",
+               "--port", str(self.port), "--queue-capacity", "512", "--deadline-secs", "3600",
+               "--log-format", "json"]
+        self.cmd = " ".join(cmd)
+        env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
+        env.pop("RUST_LOG", None)  # the invocation lines are logged at info
+        log(f"starting: RAYON_NUM_THREADS={args.threads} {self.cmd}")
+        try:
+            self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                         text=True)
+        except OSError as e:
+            raise BenchError(f"could not start `{self.cmd}`: {e}") from None
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            line = line.rstrip("\n")
+            with self.cond:
+                self.lines.append(line)
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    obj = None
+                if isinstance(obj, dict) and "request_id" in obj:
+                    self.by_id[str(obj["request_id"])] = obj
+                self.cond.notify_all()
+
+    def stderr_tail(self, n=40) -> str:
+        with self.cond:
+            return "\n".join(self.lines[-n:])
+
+    def fail(self, msg: str) -> BenchError:
+        return BenchError(f"{msg}\n--- gpt2-server stderr (last lines) ---\n"
+                          f"{self.stderr_tail()}\n--- end of stderr ---")
+
+    def wait_ready(self, timeout_s: float = 600.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                self.reader.join(timeout=2)
+                raise self.fail(f"`{self.cmd}` exited with code {self.proc.returncode} "
+                                "before answering /ping")
+            try:
+                with urllib.request.urlopen(self.base + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.2)
+        raise self.fail(f"gpt2-server did not answer GET /ping with 200 within {timeout_s:.0f} s")
+
+    def log_lines_for(self, ids, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while True:
+                missing = [i for i in ids if i not in self.by_id]
+                if not missing:
+                    return {i: self.by_id[i] for i in ids}
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(timeout=left)
+        raise self.fail(f"no JSON log line for {len(missing)} request id(s), e.g. {missing[:3]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            log("stopping gpt2-server (SIGTERM)")
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                log("gpt2-server did not exit 60 s after SIGTERM; killing it")
+                self.proc.kill()
+                self.proc.wait()
+        self.reader.join(timeout=5)
+
+
+def post_invocation(base: str, body: dict, request_id: str):
+    data = json.dumps(body).encode()
+    req = urllib.request.Request(base + "/invocations", data=data, method="POST",
+                                 headers={"Content-Type": "application/json",
+                                          "X-Request-Id": request_id})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(req, timeout=3600) as r:
+            payload = r.read()
+            status, rid = r.status, r.headers.get("x-request-id")
+    except urllib.error.HTTPError as e:
+        payload = e.read()
+        status, rid = e.code, e.headers.get("x-request-id")
+    latency = time.perf_counter() - t0
+    return status, rid, payload, latency
+
+
+def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -> dict:
+    barrier = threading.Barrier(clients + 1)
+    results = [[] for _ in range(clients)]
+    errors = []
+
+    def client(c: int):
+        barrier.wait()
+        for j in range(per_client):
+            seed = seed_base + c * per_client + j
+            rid = f"bench-n{clients}-c{c}-r{j}"
+            try:
+                status, got_id, payload, latency = post_invocation(
+                    server.base, {"input": PROMPT, "seed": seed}, rid)
+            except Exception as e:  # connection refused, reset, timeout...
+                errors.append(f"client {c} request {j}: {type(e).__name__}: {e}")
+                return
+            if status != 200:
+                errors.append(f"client {c} request {j}: HTTP {status}: "
+                              f"{payload.decode(errors='replace')[:500]}")
+                return
+            results[c].append({"request_id": got_id or rid, "seed": seed,
+                               "latency_s": latency})
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise server.fail(f"{len(errors)} request(s) failed at {clients} clients:\n"
+                          + "\n".join(errors[:10]))
+
+    requests = [r for per in results for r in per]
+    logs = server.log_lines_for([r["request_id"] for r in requests])
+    for r in requests:
+        line = logs[r["request_id"]]
+        if line.get("status") != 200 or "generated_tokens" not in line:
+            raise server.fail(f"unexpected log line for {r['request_id']}: {line}")
+        r["generated_tokens"] = int(line["generated_tokens"])
+        for k in ("queue_ms", "generation_ms", "total_ms"):
+            r[k] = line.get(k)
+    lat = [r["latency_s"] for r in requests]
+    tokens = sum(r["generated_tokens"] for r in requests)
+    return {
+        "clients": clients,
+        "requests_per_client": per_client,
+        "requests": requests,
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "aggregate_tokens_per_s": tokens / wall,
+        "p50_latency_s": percentile(lat, 50),
+        "p99_latency_s": percentile(lat, 99),
+        "mean_queue_ms": statistics.mean(r["queue_ms"] or 0 for r in requests),
+    }
+
+
+def run_sweep(args) -> list:
+    server = Server(args)
+    levels = []
+    try:
+        server.wait_ready()
+        log(f"gpt2-server ready on {server.base}")
+        seed_base = 1000
+        for n in args.clients:
+            per_client = max(args.requests_per_client, 3) if n == 1 else args.requests_per_client
+            log(f"sweep: {n} client(s) x {per_client} request(s) (loadavg {loadavg()})")
+            level = sweep_level(server, n, per_client, seed_base)
+            seed_base += n * per_client
+            log(f"  {level['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
+                f"p50 {level['p50_latency_s']:.3f} s, p99 {level['p99_latency_s']:.3f} s")
+            levels.append(level)
+    finally:
+        server.stop()
+    base = next((lv for lv in levels if lv["clients"] == 1), None)
+    for lv in levels:
+        lv["throughput_vs_1_client"] = (lv["aggregate_tokens_per_s"] / base["aggregate_tokens_per_s"]
+                                        if base else None)
+        lv["p50_vs_lone_request"] = (lv["p50_latency_s"] / base["p50_latency_s"]
+                                     if base else None)
+    return levels
+
+
+# --------------------------------------------------------------------------------------------
+# Reporting
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def pkg_version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(name)
+    except Exception:
+        return "not installed"
+
+
+def cmd_output(cmd) -> str:
+    try:
+        out = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def machine_info(args) -> dict:
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "usable_cpus": usable,
+        "os": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+        "torch": pkg_version("torch"),
+        "transformers": pkg_version("transformers"),
+        "rustc": cmd_output(["rustc", "--version"]),
+        "git_commit": cmd_output(["git", "rev-parse", "--short", "HEAD"]),
+        "threads": args.threads,
+        "loadavg_at_start": loadavg(),
+        "model": model_info(args.model_dir),
+    }
+
+
+def model_info(model_dir: Path) -> str:
+    try:
+        c = json.loads((model_dir / "config.json").read_text())
+        return (f"{model_dir.name}: n_layer {c.get('n_layer')}, n_head {c.get('n_head')}, "
+                f"n_embd {c.get('n_embd')}, vocab {c.get('vocab_size')}, "
+                f"n_positions {c.get('n_positions')}")
+    except (OSError, ValueError) as e:
+        return f"{model_dir} (config.json unreadable: {e})"
+
+
+def fmt(x, spec=".3f", missing="–") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def shapes_rows(shapes: dict):
+    header = ["shape", "HF median s", "ours median s", "speed-up (HF/ours)",
+              "HF tok/s", "ours tok/s", "HF tokens", "ours tokens"]
+    rows = []
+    for name, e in shapes.items():
+        hf, ours = e.get("hf"), e["ours"]
+        rows.append([name, fmt(hf and hf["median_s"]), fmt(ours["median_s"]),
+                     fmt(e.get("speedup"), ".2f") + ("×" if e.get("speedup") else ""),
+                     fmt(hf and hf["tokens_per_s"], ".1f"), fmt(ours["tokens_per_s"], ".1f"),
+                     fmt(hf and hf["generated_tokens"], "d"), str(ours["generated_tokens"])])
+    return header, rows
+
+
+def sweep_rows(levels: list):
+    header = ["clients", "requests", "aggregate tok/s", "vs 1 client", "p50 latency s",
+              "p99 latency s", "p50 / lone request"]
+    rows = []
+    for lv in levels:
+        rows.append([str(lv["clients"]), str(len(lv["requests"])),
+                     fmt(lv["aggregate_tokens_per_s"], ".1f"),
+                     fmt(lv["throughput_vs_1_client"], ".2f") + ("×" if lv["throughput_vs_1_client"] else ""),
+                     fmt(lv["p50_latency_s"]), fmt(lv["p99_latency_s"]),
+                     fmt(lv["p50_vs_lone_request"], ".2f") + ("×" if lv["p50_vs_lone_request"] else "")])
+    return header, rows
+
+
+def text_table(header, rows) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def md_table(header, rows) -> str:
+    out = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def hf_default_tps(shapes: dict):
+    e = shapes.get("default")
+    return e["hf"]["tokens_per_s"] if e and "hf" in e else None
+
+
+def make_plot(levels: list, hf_tps, png: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [lv["clients"] for lv in levels]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    left.plot(xs, [lv["aggregate_tokens_per_s"] for lv in levels], "o-", label="gpt2-server")
+    if hf_tps is not None:
+        left.plot([1], [hf_tps], "s", color="tab:red", label="HF transformers (1 client)")
+    left.set_xscale("log", base=2)
+    left.set_xticks(xs, [str(x) for x in xs])
+    left.set_xlabel("concurrent clients")
+    left.set_ylabel("aggregate generated tokens/s")
+    left.set_title("Throughput (default request)")
+    left.set_ylim(bottom=0)
+    left.grid(True, alpha=0.3)
+    left.legend()
+
+    right.plot(xs, [lv["p50_latency_s"] for lv in levels], "o-", label="p50")
+    right.plot(xs, [lv["p99_latency_s"] for lv in levels], "^--", label="p99")
+    right.set_xscale("log", base=2)
+    right.set_xticks(xs, [str(x) for x in xs])
+    right.set_xlabel("concurrent clients")
+    right.set_ylabel("request latency (s)")
+    right.set_title("Latency (default request)")
+    right.set_ylim(bottom=0)
+    right.grid(True, alpha=0.3)
+    right.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: dict,
+                   levels, command: str) -> None:
+    m = meta
+    parts = [
+        "# Performance: gpt2-rs vs Hugging Face transformers (CPU)",
+        "",
+        "Generated by `benches/compare/run.py`; raw numbers in "
+        f"[{jsn.name}]({jsn.name}). The model is a GPT-2 124M checkpoint with random weights "
+        "(`benches/compare/make_checkpoint.py`), float32, so speed is what is compared, not text.",
+        "",
+        "Reproduce from the repository root:",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| date | {m['date']} |",
+        f"| machine | {m['cpu']}, {m['logical_cpus']} logical CPUs ({m['usable_cpus']} usable), {m['os']} |",
+        f"| versions | gpt2-rs `{m['git_commit']}`, {m['rustc']}, transformers {m['transformers']}, "
+        f"torch {m['torch']}, Python {m['python']} |",
+        f"| model | {m['model']}, float32 |",
+        f"| threads | {m['threads']} per engine (`RAYON_NUM_THREADS` for ours, "
+        "`torch.set_num_threads` for HF) |",
+        f"| runs | {args.runs} timed runs per shape after 1 warm-up, median reported |",
+        f"| load average at start | {m['loadavg_at_start']} |",
+        "",
+        "## Single requests",
+        "",
+    ]
+    if shapes:
+        parts += [md_table(*shapes_rows(shapes)), ""]
+        parts += ["Shapes (prompt `\"This is an input text\"`, 5 tokens): "
+                  + "; ".join(f"`{n}`: {SHAPE_NOTES[n]}" for n in shapes) + "."]
+        parts += [
+            "",
+            "Columns: *median s* is the median wall time of one `generate` call (model loading "
+            "excluded; HF times `model.generate()`, ours `gpt2 bench`); *speed-up* is HF median / "
+            "ours median (above 1 means gpt2-rs is faster); *tok/s* is generated tokens (summed "
+            "over returned sequences, up to and including EOS) / median; *tokens* is that count. "
+            "Sampled shapes use different random streams in each engine, so token counts may differ.",
+            "",
+        ]
+    else:
+        parts += ["(not run)", ""]
+    parts += ["## Concurrency (gpt2-server)", ""]
+    if levels:
+        parts += [
+            f"![throughput and latency vs clients]({png.name})",
+            "",
+            md_table(*sweep_rows(levels)),
+            "",
+        ]
+        hf = hf_default_tps(shapes)
+        if hf is not None:
+            parts += [f"HF transformers, 1 client, default request (from the table above): "
+                      f"{hf:.1f} tok/s.", ""]
+        parts += [
+            "Each client thread POSTs the default request (`{\"input\": \"This is an input "
+            "text\", \"seed\": <distinct>}`) to `/invocations` "
+            f"{args.requests_per_client} time(s) in a row ({max(args.requests_per_client, 3)} "
+            "at 1 client), all clients starting together; the server runs with `--queue-capacity 512 --deadline-secs 3600`.",
+            "",
+            "Columns: *aggregate tok/s* is the generated tokens of all the level's requests (from "
+            "the server's JSON log line of each request) / the level's wall time; *vs 1 client* "
+            "is that divided by the 1-client value; *p50* / *p99 latency* are client-side request "
+            "latencies; *p50 / lone request* is the p50 divided by the 1-client p50.",
+            "",
+        ]
+    else:
+        parts += ["(not run)", ""]
+    parts += ["## Notes", "", "(analysis written by hand after each run)", ""]
+    path.write_text("\n".join(parts))
+
+
+def reproduce_command(args) -> str:
+    cmd = "/path/to/venv-with-torch/bin/python benches/compare/run.py"
+    defaults = {"threads": 2, "runs": 3, "requests_per_client": 2}
+    extra = []
+    for k, v in defaults.items():
+        if getattr(args, k) != v:
+            extra.append(f"--{k.replace('_', '-')} {getattr(args, k)}")
+    if args.shapes != list(SHAPES):
+        extra.append("--shapes " + ",".join(args.shapes))
+    if args.clients != [1, 4, 16, 64]:
+        extra.append("--clients " + ",".join(map(str, args.clients)))
+    for flag in ("skip_hf", "skip_sweep"):
+        if getattr(args, flag):
+            extra.append("--" + flag.replace("_", "-"))
+    return " ".join([cmd] + extra)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES),
+                    help="comma-separated single-request shapes (default: %(default)s)")
+    ap.add_argument("--skip-hf", action="store_true", help="time only gpt2-rs")
+    ap.add_argument("--skip-sweep", action="store_true", help="skip the server concurrency sweep")
+    ap.add_argument("--clients", default="1,4,16,64",
+                    help="comma-separated client counts for the sweep (default: %(default)s)")
+    ap.add_argument("--requests-per-client", type=int, default=2,
+                    help="requests per client per level; the 1-client level does at least 3")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per shape and engine")
+    ap.add_argument("--threads", type=int, default=2, help="compute threads for each engine")
+    ap.add_argument("--model-dir", type=Path, default=REPO_ROOT / "target" / "bench" / "gpt2-124m")
+    ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
+    ap.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "performance.md",
+                    help="markdown report; the .png and .json go next to it with the same stem")
+    args = ap.parse_args(argv)
+
+    args.shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    unknown = [s for s in args.shapes if s not in SHAPES]
+    if unknown:
+        ap.error(f"unknown shape(s) {unknown}; choose from {list(SHAPES)}")
+    try:
+        args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--clients must be comma-separated integers, got {args.clients!r}")
+    if any(c < 1 for c in args.clients):
+        ap.error("--clients values must be >= 1")
+    args.clients = sorted(set(args.clients))
+    for name in ("requests_per_client", "runs", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be >= 1")
+    args.model_dir = args.model_dir.expanduser().resolve()
+    args.output = args.output.expanduser().resolve()
+    args.gpt2_bin = REPO_ROOT / "target" / "release" / "gpt2"
+    args.server_bin = REPO_ROOT / "target" / "release" / "gpt2-server"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:  # fail before the long runs, not after
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise BenchError(f"matplotlib is missing from {sys.executable}; "
+                         f"install it: {sys.executable} -m pip install matplotlib") from None
+    if not args.skip_hf:
+        for pkg in ("torch", "transformers", "safetensors"):
+            if pkg_version(pkg) == "not installed":
+                raise BenchError(f"{pkg} is missing from {sys.executable} (needed for the HF "
+                                 "side; use a venv with torch, transformers and safetensors, "
+                                 "or pass --skip-hf)")
+
+    if not args.no_build:
+        build(args)
+    for b in (args.gpt2_bin, args.server_bin):
+        if not b.is_file():
+            raise BenchError(f"{b} does not exist; build it (drop --no-build)")
+    ensure_checkpoint(args.model_dir)
+
+    meta = machine_info(args)
+    log(f"{meta['cpu']}, {meta['usable_cpus']} usable CPUs, threads={args.threads}, "
+        f"commit {meta['git_commit']}, loadavg {meta['loadavg_at_start']}")
+
+    with tempfile.TemporaryDirectory(prefix="gpt2-bench-") as tmp:
+        shapes = run_shapes(args, Path(tmp)) if args.shapes else {}
+    levels = [] if args.skip_sweep or not args.clients else run_sweep(args)
+
+    out_md = args.output
+    out_png = out_md.with_suffix(".png")
+    out_json = out_md.with_suffix(".json")
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+
+    print()
+    if shapes:
+        print(f"Single requests ({args.threads} threads, median of {args.runs} runs)")
+        print(text_table(*shapes_rows(shapes)))
+        print()
+    if levels:
+        print("Concurrency sweep (gpt2-server, default request)")
+        print(text_table(*sweep_rows(levels)))
+        hf = hf_default_tps(shapes)
+        if hf is not None:
+            print(f"HF transformers, 1 client, default request: {hf:.1f} tok/s")
+        print()
+
+    command = reproduce_command(args)
+    raw = {"meta": meta, "command": command,
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "shapes": shapes,
+           "sweep": {"levels": levels, "hf_default_1_client_tokens_per_s": hf_default_tps(shapes)}}
+    out_json.write_text(json.dumps(raw, indent=2) + "\n")
+    if levels:
+        make_plot(levels, hf_default_tps(shapes), out_png)
+    write_markdown(out_md, out_png, out_json, meta, args, shapes, levels, command)
+    log(f"wrote {out_md}, {out_json}" + (f", {out_png}" if levels else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
