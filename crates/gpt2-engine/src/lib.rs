@@ -27,8 +27,8 @@ mod worker;
 pub use gpt2_generation::{GenerationParams, Strategy};
 pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
 pub use pipeline::{GenerationOutput, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
-pub use run::generate_ids;
-pub use worker::{Completed, Engine, EngineConfig, PipelineInfo, SubmitError};
+pub use run::{generate_ids, Decoding};
+pub use worker::{Completed, Engine, EngineConfig, EngineStats, PipelineInfo, SubmitError};
 
 /// Errors of loading a pipeline or serving a request.
 #[derive(Debug, thiserror::Error)]

@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
+use gpt2_generation::GenerationParams;
 use gpt2_model::Gpt2Model;
 use gpt2_schema::{GenerationRequest, Limits, RequestError};
 use gpt2_tokenizer::Gpt2Tokenizer;
@@ -125,6 +126,17 @@ impl Pipeline {
         request: &GenerationRequest,
         should_stop: impl FnMut() -> bool,
     ) -> Result<GenerationOutput, EngineError> {
+        let (prompt, params) = self.prepare(request)?;
+        let outputs = generate_ids(&self.model, &prompt, params, should_stop)?;
+        self.finish(request, prompt.len(), &outputs)
+    }
+
+    /// Tokenizes the prompt and checks the limits that need it: the prompt's ids and the
+    /// generation parameters, or the field error.
+    pub fn prepare(
+        &self,
+        request: &GenerationRequest,
+    ) -> Result<(Vec<u32>, GenerationParams), EngineError> {
         let prompt = self.tokenizer.encode(&request.input)?;
         let config = self.model.config();
         if prompt.is_empty() {
@@ -145,7 +157,16 @@ impl Pipeline {
             .into());
         }
         let params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
-        let outputs = generate_ids(&self.model, &prompt, params, should_stop)?;
+        Ok((prompt, params))
+    }
+
+    /// Turns generated ids into the response texts: the input followed by each continuation.
+    pub fn finish(
+        &self,
+        request: &GenerationRequest,
+        prompt_tokens: usize,
+        outputs: &[Vec<u32>],
+    ) -> Result<GenerationOutput, EngineError> {
         let texts = outputs
             .iter()
             .map(|generated| {
@@ -158,7 +179,7 @@ impl Pipeline {
             .collect::<Result<Vec<String>, EngineError>>()?;
         Ok(GenerationOutput {
             texts,
-            prompt_tokens: prompt.len(),
+            prompt_tokens,
             generated_tokens: outputs.iter().map(Vec::len).sum(),
         })
     }

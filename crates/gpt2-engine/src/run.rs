@@ -1,19 +1,76 @@
 use candle_core::Tensor;
 use gpt2_generation::{GenerationParams, Generator};
-use gpt2_model::{Gpt2Model, LogitsFor, ModelError};
+use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError};
 
 use crate::EngineError;
 
-fn last_logits(logits: &Tensor) -> Result<Vec<f32>, EngineError> {
-    logits
-        .flatten_all()
-        .and_then(|t| t.to_vec1::<f32>())
-        .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))
+/// One request's sequences on their way through the model: its generator, its KV cache, and the
+/// tokens its next decode step feeds. Many of them can share one decode step
+/// ([`Gpt2Model::forward_step`]), which is how the engine batches requests.
+#[derive(Debug)]
+pub struct Decoding {
+    generator: Generator,
+    cache: KvCache,
+    pending: Vec<u32>,
 }
 
-fn to_tensor(tokens: &[u32], rows: usize, model: &Gpt2Model) -> Result<Tensor, EngineError> {
-    Tensor::from_slice(tokens, (rows, tokens.len() / rows), model.device())
-        .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))
+impl Decoding {
+    /// Prefills `prompt` once and forks its cache into the request's sequences or beams.
+    pub fn start(
+        model: &Gpt2Model,
+        prompt: &[u32],
+        params: GenerationParams,
+    ) -> Result<Self, EngineError> {
+        let max_length = params.max_length;
+        let generator = Generator::new(prompt, params, model.config().vocab_size)?;
+        let mut cache = model.new_cache_with_capacity(max_length);
+        let prompt_tensor = Tensor::from_slice(prompt, (1, prompt.len()), model.device())
+            .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))?;
+        let logits = model
+            .forward(&prompt_tensor, &mut cache, LogitsFor::Last)?
+            .flatten_all()
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))?;
+        let mut decoding = Self {
+            generator,
+            cache,
+            pending: Vec::new(),
+        };
+        decoding.advance(&logits)?;
+        Ok(decoding)
+    }
+
+    /// Whether generation is over.
+    pub fn is_done(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// The tokens the next decode step feeds, one per live sequence.
+    pub fn pending_tokens(&self) -> &[u32] {
+        &self.pending
+    }
+
+    /// The cache the next decode step extends.
+    pub fn cache_mut(&mut self) -> &mut KvCache {
+        &mut self.cache
+    }
+
+    /// Takes the logits of the last step (one row per pending token) and prepares the next.
+    pub fn advance(&mut self, logits: &[f32]) -> Result<(), EngineError> {
+        match self.generator.advance(logits)? {
+            Some(step) => {
+                self.cache.reorder(&step.parent_rows)?;
+                self.pending = step.tokens;
+            }
+            None => self.pending.clear(),
+        }
+        Ok(())
+    }
+
+    /// The generated ids of each returned sequence (prompt excluded, a final EOS included).
+    pub fn into_outputs(self) -> Vec<Vec<u32>> {
+        self.generator.into_outputs()
+    }
 }
 
 /// Generates from `prompt` token ids: prefills the prompt once, forks its KV cache into the
@@ -28,26 +85,14 @@ pub fn generate_ids(
     params: GenerationParams,
     mut should_stop: impl FnMut() -> bool,
 ) -> Result<Vec<Vec<u32>>, EngineError> {
-    let max_length = params.max_length;
-    let mut generator = Generator::new(prompt, params, model.config().vocab_size)?;
-    let mut cache = model.new_cache_with_capacity(max_length);
-    let prompt_tensor = to_tensor(prompt, 1, model)?;
-    let mut logits = last_logits(&model.forward(&prompt_tensor, &mut cache, LogitsFor::Last)?)?;
-    while let Some(step) = generator.advance(&logits)? {
+    let mut decoding = Decoding::start(model, prompt, params)?;
+    while !decoding.is_done() {
         if should_stop() {
             return Err(EngineError::Cancelled);
         }
-        let unchanged = cache.batch_size() == Some(step.parent_rows.len())
-            && step
-                .parent_rows
-                .iter()
-                .enumerate()
-                .all(|(i, &p)| p as usize == i);
-        if !unchanged {
-            cache = cache.select(&step.parent_rows)?;
-        }
-        let tokens = to_tensor(&step.tokens, step.tokens.len(), model)?;
-        logits = last_logits(&model.forward(&tokens, &mut cache, LogitsFor::Last)?)?;
+        let tokens = decoding.pending_tokens().to_vec();
+        let logits = model.forward_step(&tokens, &mut [decoding.cache_mut()])?;
+        decoding.advance(&logits)?;
     }
-    Ok(generator.into_outputs())
+    Ok(decoding.into_outputs())
 }

@@ -46,6 +46,11 @@ impl Conv1D {
         linear(xs, &self.weight_t, &self.bias)
     }
 
+    /// `xs`: `(rows, in)` → `(rows, out)`, through the decode kernel.
+    fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        linear_step(xs, &self.weight_t, &self.bias)
+    }
+
     /// The weight in the checkpoint's `(in, out)` layout.
     fn weight(&self) -> candle_core::Result<Tensor> {
         self.weight_t.t()?.contiguous()
@@ -55,8 +60,23 @@ impl Conv1D {
 /// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`. Decode-shaped inputs (a few rows)
 /// go to the streaming kernel, larger ones to gemm.
 fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    linear_with(xs, w, bias, kernels::MAX_ROWS)
+}
+
+/// [`linear`] for decode steps: the streaming kernel whatever the number of rows, so that a row's
+/// result never depends on how many other rows share the step.
+fn linear_step(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
+    linear_with(xs, w, bias, usize::MAX)
+}
+
+fn linear_with(
+    xs: &Tensor,
+    w: &Tensor,
+    bias: &Tensor,
+    kernel_rows: usize,
+) -> candle_core::Result<Tensor> {
     let rows = xs.dim(0)?;
-    if rows <= kernels::MAX_ROWS && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
+    if rows <= kernel_rows && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
         xs.contiguous()?
             .apply_op3_no_bwd(w, bias, &kernels::SmallRowsMatmul)
     } else {
@@ -165,6 +185,33 @@ impl Attention {
                 .reshape((batch * new, n_embd))?
         };
         self.c_proj.forward(&ys)?.reshape((batch, new, n_embd))
+    }
+
+    /// One decode step for the rows of several caches: `xs` is `(rows, n_embd)`, its rows grouped
+    /// by cache in order, each cache at its own length.
+    fn forward_step(
+        &self,
+        xs: &Tensor,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, n_embd) = xs.dims2()?;
+        let qkv = self
+            .c_attn
+            .forward_step(xs)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let mut out = Vec::with_capacity(rows * n_embd);
+        let mut first = 0;
+        for cache in caches.iter_mut() {
+            let count = cache.rows;
+            let part = &qkv[first * 3 * n_embd..(first + count) * 3 * n_embd];
+            self.write_cache(part, count, 1, cache, layer);
+            out.extend(self.decode_attention(part, count, cache, layer));
+            first += count;
+        }
+        self.c_proj
+            .forward_step(&Tensor::from_vec(out, (rows, n_embd), xs.device())?)
     }
 
     /// Copies this step's keys and values from the `(rows, 3·n_embd)` projection into the cache.
@@ -307,15 +354,26 @@ impl Mlp {
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         let (batch, new, n_embd) = xs.dims3()?;
         let hidden = self.c_fc.forward(&xs.reshape((batch * new, n_embd))?)?;
-        let hidden = match self.activation {
+        self.c_proj
+            .forward(&self.activate(hidden)?)?
+            .reshape((batch, new, n_embd))
+    }
+
+    /// `xs`: `(rows, n_embd)`, through the decode kernel.
+    fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let hidden = self.c_fc.forward_step(xs)?;
+        self.c_proj.forward_step(&self.activate(hidden)?)
+    }
+
+    fn activate(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
+        Ok(match self.activation {
             Activation::GeluTanh => hidden.gelu()?,
             Activation::GeluErf => hidden.gelu_erf()?,
             Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
             Activation::Relu => hidden.relu()?,
             Activation::Silu => candle_nn::ops::silu(&hidden)?,
             Activation::Tanh => hidden.tanh()?,
-        };
-        self.c_proj.forward(&hidden)?.reshape((batch, new, n_embd))
+        })
     }
 }
 
@@ -350,6 +408,20 @@ impl Block {
                 .attn
                 .forward(&self.ln_1.forward(xs)?, cache, layer, mask)?)?;
         &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
+    }
+
+    /// One decode step, `xs`: `(rows, n_embd)`.
+    fn forward_step(
+        &self,
+        xs: &Tensor,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let attended = self
+            .attn
+            .forward_step(&self.ln_1.forward(xs)?, caches, layer)?;
+        let xs = (xs + attended)?;
+        &xs + self.mlp.forward_step(&self.ln_2.forward(&xs)?)?
     }
 }
 
@@ -540,6 +612,88 @@ impl Gpt2Model {
             positions,
             self.config.vocab_size,
         ))
+    }
+
+    /// One decode step for the sequences of several caches at once (continuous batching): cache
+    /// `i` holds `caches[i].batch_size()` sequences, all of one length, and `tokens` gives one
+    /// token per sequence, grouped by cache in order. Returns the logits, `tokens.len()` rows of
+    /// `vocab_size`, row-major.
+    ///
+    /// Each row's arithmetic is the same whatever else shares the step, so a sequence's logits
+    /// do not depend on its batch neighbours.
+    pub fn forward_step(
+        &self,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<f32>, ModelError> {
+        let rows: usize = caches.iter().map(|c| c.rows).sum();
+        if rows != tokens.len() || tokens.is_empty() {
+            return Err(ModelError::Input(format!(
+                "{} tokens for {rows} cached sequences",
+                tokens.len()
+            )));
+        }
+        let c = &self.config;
+        let mut positions = Vec::with_capacity(rows);
+        for cache in caches.iter() {
+            if cache.layers.len() != c.n_layer
+                || cache.n_head != c.n_head
+                || cache.head_dim != c.head_dim()
+            {
+                return Err(ModelError::Input(
+                    "a cache was made for another model".into(),
+                ));
+            }
+            if cache.seq_len == 0 {
+                return Err(ModelError::Input(
+                    "decode steps continue a prefilled cache".into(),
+                ));
+            }
+            if cache.seq_len + 1 > c.n_positions {
+                return Err(ModelError::SequenceTooLong {
+                    length: cache.seq_len + 1,
+                    n_positions: c.n_positions,
+                });
+            }
+            positions.extend(std::iter::repeat_n(cache.seq_len as u32, cache.rows));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+            return Err(ModelError::Input(format!(
+                "token id {bad} is outside the vocabulary (size {})",
+                c.vocab_size
+            )));
+        }
+        let logits = self
+            .forward_step_unchecked(tokens, &positions, caches)
+            .map_err(ModelError::from_candle)?;
+        for cache in caches.iter_mut() {
+            cache.seq_len += 1;
+        }
+        Ok(logits)
+    }
+
+    fn forward_step_unchecked(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Vec<f32>> {
+        let device = &self.device;
+        let tokens = Tensor::from_slice(tokens, tokens.len(), device)?;
+        let positions = Tensor::from_slice(positions, positions.len(), device)?;
+        let mut xs =
+            (self.wte.index_select(&tokens, 0)? + self.wpe.index_select(&positions, 0)?)?;
+        for cache in caches.iter_mut() {
+            let (rows, length) = (cache.rows, cache.seq_len + 1);
+            cache.prepare(rows, length);
+        }
+        for (layer, block) in self.blocks.iter().enumerate() {
+            xs = block.forward_step(&xs, caches, layer)?;
+        }
+        let xs = self.ln_f.forward(&xs)?;
+        linear_step(&xs, &self.lm_head, &self.lm_head_bias)?
+            .flatten_all()?
+            .to_vec1::<f32>()
     }
 
     /// The weight tensors under HF's bare names, for writing a checkpoint.
