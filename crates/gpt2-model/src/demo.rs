@@ -40,8 +40,14 @@ impl Gpt2Model {
     /// vocabulary, so that everything runs without a download. Its text is noise: it is not
     /// GPT-2, and callers should say so when they use it.
     pub fn demo() -> Self {
-        let config = demo_config();
-        let mut rng = ChaCha8Rng::seed_from_u64(DEMO_CONFIG_SEED);
+        Self::random(demo_config(), DEMO_CONFIG_SEED).expect("the demo config is valid")
+    }
+
+    /// A model of any shape with random weights (N(0, 0.02²), layer norms at identity), drawn
+    /// deterministically from `seed`: for tests and benchmarks of real shapes without a download.
+    pub fn random(config: Gpt2Config, seed: u64) -> Result<Self, crate::ModelError> {
+        config.validate()?;
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let device = Device::Cpu;
         let e = config.n_embd;
         let mut tensors = HashMap::new();
@@ -89,8 +95,11 @@ impl Gpt2Model {
         }
         put("ln_f.weight".into(), &[e], vec![1.0; e]);
         put("ln_f.bias".into(), &[e], vec![0.0; e]);
+        if !config.tie_word_embeddings {
+            let shape = [config.vocab_size, e];
+            put("lm_head.weight".into(), &shape, random(&shape, &mut rng));
+        }
         Gpt2Model::from_tensors(config, tensors, &device)
-            .expect("the demo tensors match the demo config")
     }
 }
 
