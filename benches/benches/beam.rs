@@ -9,7 +9,10 @@ fn beam(c: &mut Criterion) {
     let vocab = 50257;
     let logits = fake_logits(5, vocab);
     let prompt: Vec<u32> = vec![1212, 318, 281, 5128, 2420];
-    let params = BeamParams { num_beams: 5, no_repeat_ngram_size: 2 };
+    let params = BeamParams {
+        num_beams: 5,
+        no_repeat_ngram_size: 2,
+    };
     let mut started = BeamSearch::new(&prompt, params, 1000, Some(50256));
     started.advance(&logits[..vocab], vocab);
     c.bench_function("beam_step_5x50257", |b| {

@@ -10,19 +10,26 @@ fn forward(c: &mut Criterion) {
     let model = bench_model();
     let device = model.device().clone();
     let prompt: Vec<u32> = vec![1212, 318, 281, 5128, 2420]; // "This is an input text"
-    let prompt_tensor = Tensor::new(prompt.as_slice(), &device).unwrap().unsqueeze(0).unwrap();
+    let prompt_tensor = Tensor::new(prompt.as_slice(), &device)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
 
     let mut group = c.benchmark_group("forward");
     group.sample_size(10);
     group.bench_function("prefill_5_tokens", |b| {
         b.iter(|| {
             let mut cache = model.new_cache_with_capacity(100);
-            model.forward(&prompt_tensor, &mut cache, LogitsFor::Last).unwrap()
+            model
+                .forward(&prompt_tensor, &mut cache, LogitsFor::Last)
+                .unwrap()
         })
     });
     for rows in [1usize, 3, 16] {
         let mut prefilled = model.new_cache_with_capacity(100);
-        model.forward(&prompt_tensor, &mut prefilled, LogitsFor::Last).unwrap();
+        model
+            .forward(&prompt_tensor, &mut prefilled, LogitsFor::Last)
+            .unwrap();
         prefilled.reorder(&vec![0; rows]).unwrap();
         let tokens = vec![198u32; rows];
         group.bench_with_input(BenchmarkId::new("decode_step", rows), &rows, |b, _| {

@@ -9,9 +9,30 @@ fn sampling(c: &mut Criterion) {
     let logits = fake_logits(1, 50257);
     let mut group = c.benchmark_group("sampling_step");
     for (name, params) in [
-        ("sample-top-p", SamplingParams { temperature: 1.0, top_k: 50, top_p: 0.92 }),
-        ("sample", SamplingParams { temperature: 0.7, top_k: 50, top_p: 0.92 }),
-        ("top-p-only", SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.92 }),
+        (
+            "sample-top-p",
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 50,
+                top_p: 0.92,
+            },
+        ),
+        (
+            "sample",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 50,
+                top_p: 0.92,
+            },
+        ),
+        (
+            "top-p-only",
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.92,
+            },
+        ),
     ] {
         let mut rng = sequence_rng(1, 0);
         group.bench_function(name, |b| {

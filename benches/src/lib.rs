@@ -7,8 +7,12 @@ use gpt2_model::{Gpt2Config, Gpt2Model};
 /// random-weight model of GPT-2 124M's shape (same FLOPs and bytes as the real one).
 pub fn bench_model() -> Gpt2Model {
     match std::env::var_os("GPT2_BENCH_MODEL") {
-        Some(dir) => Gpt2Model::load(&dir, &candle_core::Device::Cpu).expect("GPT2_BENCH_MODEL loads"),
-        None => Gpt2Model::random(Gpt2Config::default(), 124).expect("the GPT-2 124M config is valid"),
+        Some(dir) => {
+            Gpt2Model::load(&dir, &candle_core::Device::Cpu).expect("GPT2_BENCH_MODEL loads")
+        }
+        None => {
+            Gpt2Model::random(Gpt2Config::default(), 124).expect("the GPT-2 124M config is valid")
+        }
     }
 }
 

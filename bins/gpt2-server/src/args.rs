@@ -63,6 +63,7 @@ impl ServerArgs {
             return Ok(port);
         }
         match std::env::var(SAGEMAKER_PORT_ENV) {
+            Ok(value) if value.trim().is_empty() => Ok(8080),
             Ok(value) => value
                 .trim()
                 .parse()

@@ -12,7 +12,7 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use gpt2_engine::{Engine, GenerationRequest, Limits};
 use serde_json::json;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::api_error::ApiError;
 
@@ -69,8 +69,39 @@ async fn with_request_id(mut request: Request, next: Next) -> Response {
     response
 }
 
-async fn ping() -> StatusCode {
-    StatusCode::OK
+/// 200 while the model is loaded and its worker runs (the model loads before the port opens).
+async fn ping(State(state): State<AppState>) -> Response {
+    if state.engine.is_alive() {
+        StatusCode::OK.into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the inference worker stopped",
+        )
+        .into_response()
+    }
+}
+
+/// Logs a line for a request whose handler is dropped before it answers: its client went away.
+struct LogIfAbandoned {
+    request_id: String,
+    received: Instant,
+    answered: bool,
+}
+
+impl Drop for LogIfAbandoned {
+    fn drop(&mut self) {
+        if !self.answered {
+            warn!(
+                request_id = %self.request_id,
+                status = 499,
+                error_type = "client_disconnected",
+                total_ms = self.received.elapsed().as_millis() as u64,
+                "invocation abandoned by the client; its generation stops"
+            );
+        }
+    }
 }
 
 /// SageMaker batch transform asks this once to size its requests.
@@ -142,6 +173,11 @@ async fn invocations(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let received = Instant::now();
+    let mut abandoned = LogIfAbandoned {
+        request_id: request_id.clone(),
+        received,
+        answered: false,
+    };
     let mut mode = None;
     let result = async {
         check_content_type(&headers)?;
@@ -152,6 +188,7 @@ async fn invocations(
     }
     .await;
     let total_ms = received.elapsed().as_millis() as u64;
+    abandoned.answered = true;
     match result {
         Ok(completed) => {
             info!(
@@ -166,6 +203,18 @@ async fn invocations(
                 "invocation"
             );
             Json(completed.output.texts).into_response()
+        }
+        Err(error) if error.status.is_server_error() => {
+            warn!(
+                request_id,
+                status = error.status.as_u16(),
+                mode = mode.unwrap_or("-"),
+                error_type = error.error_type,
+                error = %error.message,
+                total_ms,
+                "invocation failed"
+            );
+            error.into_response()
         }
         Err(error) => {
             info!(

@@ -83,6 +83,16 @@ pub struct Engine {
     config: EngineConfig,
     pipeline_info: Arc<PipelineInfo>,
     stats: Arc<EngineStats>,
+    alive: Arc<AtomicBool>,
+}
+
+/// Clears the flag when the worker thread ends, normally or by a panic.
+struct AliveWhileHeld(Arc<AtomicBool>);
+
+impl Drop for AliveWhileHeld {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
 }
 
 /// Counters the worker keeps, for metrics and tests.
@@ -117,15 +127,21 @@ impl Engine {
         });
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
+        let alive = Arc::new(AtomicBool::new(true));
+        let guard = AliveWhileHeld(alive.clone());
         let thread = std::thread::Builder::new()
             .name("gpt2-inference".into())
-            .spawn(move || serve_jobs(&pipeline, &queue, &worker_stats))?;
+            .spawn(move || {
+                let _alive = guard;
+                serve_jobs(&pipeline, &queue, &worker_stats)
+            })?;
         let engine = Self {
             jobs,
             admission: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
             config,
             pipeline_info,
             stats,
+            alive,
         };
         Ok((engine, thread))
     }
@@ -138,6 +154,11 @@ impl Engine {
     /// Facts about the loaded model.
     pub fn info(&self) -> &PipelineInfo {
         &self.pipeline_info
+    }
+
+    /// Whether the inference worker is running (false after it died, for health checks).
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::Relaxed)
     }
 
     /// The worker's counters.
