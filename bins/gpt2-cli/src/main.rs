@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use gpt2_engine::{EngineError, GenerationRequest, ModelSource, Pipeline};
+use gpt2_engine::{EngineError, GenerationRequest, ModelSource, Pipeline, WeightFormat};
 use gpt2_tokenizer::Gpt2Tokenizer;
 use serde_json::{Map, Value};
 
@@ -48,6 +48,13 @@ struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
+    /// Weight storage: f32 (exact) or q8_0 (8-bit, faster, small logit drift).
+    #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
+    dtype: WeightFormat,
+}
+
+fn parse_weight_format(value: &str) -> Result<WeightFormat, String> {
+    value.parse()
 }
 
 #[derive(Args)]
@@ -62,6 +69,9 @@ struct GenerateArgs {
     /// Print the JSON array the HTTP service would answer instead of readable text.
     #[arg(long)]
     json: bool,
+    /// Weight storage: f32 (exact) or q8_0 (8-bit, faster, small logit drift).
+    #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
+    dtype: WeightFormat,
     /// The prompt.
     #[arg(long)]
     input: Option<String>,
@@ -221,6 +231,7 @@ fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
 /// Validates the request (which needs no model, so a bad one fails fast), then loads the model.
 fn prepare(
     model: Option<&std::path::Path>,
+    dtype: WeightFormat,
     object: &Map<String, Value>,
 ) -> Result<(Pipeline, GenerationRequest), Failure> {
     if let Some(dir) = model {
@@ -240,12 +251,15 @@ fn prepare(
             "gpt2: warning: using the DEMO model (random weights: its text is noise, not GPT-2); pass --model <DIR>"
         );
     }
-    Ok((Pipeline::from_source(&source)?, request))
+    Ok((
+        Pipeline::from_source(&source)?.with_weight_format(dtype)?,
+        request,
+    ))
 }
 
 fn time_request(args: BenchArgs) -> Result<String, Failure> {
     let object = read_request_file(&args.request)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), &object)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), args.dtype, &object)?;
     for _ in 0..args.warmup {
         pipeline.run(&request, || false)?;
     }
@@ -272,7 +286,7 @@ fn time_request(args: BenchArgs) -> Result<String, Failure> {
 
 fn generate(args: GenerateArgs) -> Result<String, Failure> {
     let object = request_object(&args)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), &object)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), args.dtype, &object)?;
     let texts = pipeline.generate(&request)?;
     if args.json || args.request.is_some() {
         return Ok(format!("{}\n", Value::from(texts)));

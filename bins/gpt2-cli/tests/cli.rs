@@ -216,3 +216,26 @@ fn bad_requests_exit_2_with_one_line_and_no_stdout() {
         assert!(error_lines[0].contains(needle), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn q8_0_weights_generate_from_the_same_request() {
+    let model = tiny_model();
+    let body =
+        r#"{"input": "a b c", "mode": "greedy", "max_length": 12, "num_return_sequences": 1}"#;
+    let out = gpt2(
+        &[
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--dtype",
+            "q8_0",
+            "--request",
+            "-",
+        ],
+        Some(body),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(printed.len(), 1);
+    assert!(printed[0].starts_with("a b c") && printed[0].len() > "a b c".len());
+}

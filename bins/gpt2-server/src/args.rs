@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gpt2_engine::{EngineConfig, Limits};
+use gpt2_engine::{EngineConfig, Limits, WeightFormat};
 
 /// Environment variable SageMaker sets to the port a container must listen on.
 pub const SAGEMAKER_PORT_ENV: &str = "SAGEMAKER_BIND_TO_PORT";
@@ -51,9 +51,17 @@ pub struct ServerArgs {
     /// Largest num_beams a request may ask for.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub max_num_beams: u64,
+    /// How the linear layers' weights are stored: f32 (exact) or q8_0 (8-bit, faster, small
+    /// logit drift).
+    #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
+    pub dtype: WeightFormat,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+}
+
+fn parse_weight_format(value: &str) -> Result<WeightFormat, String> {
+    value.parse()
 }
 
 impl ServerArgs {

@@ -47,9 +47,13 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("model loading panicked: {e}"))?
         .map_err(|e| format!("cannot load the model: {e}"))?;
-    let pipeline = pipeline.with_limits(args.limits());
+    let pipeline = pipeline
+        .with_weight_format(args.dtype)
+        .map_err(|e| format!("cannot convert the weights to {:?}: {e}", args.dtype))?
+        .with_limits(args.limits());
     info!(
         model = ?pipeline.source(),
+        dtype = ?args.dtype,
         load_ms = loading.elapsed().as_millis() as u64,
         "model loaded"
     );

@@ -7,7 +7,7 @@ use crate::ModelError;
 /// attention kernel reads each head's keys contiguously. Buffers are sized once (give the final
 /// length to [`crate::Gpt2Model::new_cache_with_capacity`]) and grow by doubling otherwise.
 /// [`KvCache::reorder`] forks or permutes rows (one prompt into several return sequences, beams
-/// after a step) by copying only the positions in use, into a buffer kept for the purpose.
+/// after a step) by copying only the positions in use; beams keep the second buffer between steps.
 #[derive(Debug, Clone)]
 pub struct KvCache {
     pub(crate) layers: Vec<LayerCache>,
@@ -131,7 +131,11 @@ impl KvCache {
                 std::mem::swap(buffer, &mut spare);
             }
         }
-        self.spare = spare;
+        // Keep the spare buffer only for permutations (beams reorder at every step); after a fork
+        // or when sequences leave, the old buffer is just freed.
+        if rows.len() == self.rows {
+            self.spare = spare;
+        }
         self.rows = rows.len();
         Ok(())
     }

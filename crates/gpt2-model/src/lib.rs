@@ -26,6 +26,7 @@ mod demo;
 mod kernels;
 mod memory;
 mod model;
+mod quantized;
 mod weights;
 
 use std::path::Path;
@@ -35,7 +36,7 @@ use candle_core::Device;
 pub use cache::KvCache;
 pub use config::{Activation, Gpt2Config};
 pub use demo::{demo_config, DEMO_CONFIG_SEED};
-pub use model::{Gpt2Model, LogitsFor};
+pub use model::{Gpt2Model, LogitsFor, WeightFormat};
 pub use weights::WeightFiles;
 
 /// Errors of loading or running a model.

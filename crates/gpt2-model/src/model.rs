@@ -1,9 +1,35 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::quantized::{self, Q8Matrix};
 use crate::weights::NamedTensors;
 use crate::{kernels, memory};
 use crate::{Activation, Gpt2Config, KvCache, ModelError};
+
+/// How the weights of the linear layers are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WeightFormat {
+    /// 32-bit floats, as in the checkpoint: exact.
+    #[default]
+    F32,
+    /// ggml's q8_0: 8-bit weights in blocks of 32 with an f16 scale (about 3.8× fewer bytes to
+    /// stream per step); activations are quantized per block too. Logits drift slightly.
+    Q8_0,
+}
+
+impl std::str::FromStr for WeightFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "q8_0" | "q8" => Ok(Self::Q8_0),
+            other => Err(format!(
+                "unknown weight format {other:?} (expected f32 or q8_0)"
+            )),
+        }
+    }
+}
 
 /// Which positions of the input get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -14,11 +40,20 @@ pub enum LogitsFor {
     All,
 }
 
-/// A dense layer from GPT-2's `Conv1D`. The checkpoint stores `(in, out)`; it is kept transposed,
-/// `(out, in)`, so that each output's weights are contiguous for the decode kernel.
+/// How a linear layer's weight is stored.
+#[derive(Debug, Clone)]
+enum Weight {
+    /// f32, `(out, in)`, in huge-page-backed memory for the decode kernel.
+    Dense(Tensor),
+    /// ggml's q8_0 scheme (blocks of 32 int8 with an f16-rounded scale), `(out, in)`.
+    Q8(std::sync::Arc<Q8Matrix>),
+}
+
+/// A dense layer: GPT-2's `Conv1D` (whose checkpoint layout is `(in, out)`) or the LM head. The
+/// weight is kept `(out, in)`, so that each output's weights are contiguous.
 #[derive(Debug, Clone)]
 struct Conv1D {
-    weight_t: Tensor,
+    weight: Weight,
     bias: Tensor,
 }
 
@@ -36,24 +71,53 @@ impl Conv1D {
             reason: e.to_string(),
         })?;
         Ok(Self {
-            weight_t,
+            weight: Weight::Dense(weight_t),
             bias: weights.take(&format!("{prefix}.bias"), &[n_out])?,
         })
     }
 
     /// `xs`: `(rows, in)` → `(rows, out)`.
     fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        linear(xs, &self.weight_t, &self.bias)
+        match &self.weight {
+            Weight::Dense(w) => linear(xs, w, &self.bias),
+            Weight::Q8(q) => quantized::q8_linear(xs, q, &self.bias),
+        }
     }
 
-    /// `xs`: `(rows, in)` → `(rows, out)`, through the decode kernel.
+    /// `xs`: `(rows, in)` → `(rows, out)`, with arithmetic per row that does not depend on the
+    /// other rows (the streaming decode kernels).
     fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        linear_step(xs, &self.weight_t, &self.bias)
+        match &self.weight {
+            Weight::Dense(w) => linear_step(xs, w, &self.bias),
+            Weight::Q8(q) => quantized::q8_linear(xs, q, &self.bias),
+        }
+    }
+
+    /// The weight as f32, `(out, in)`.
+    fn weight_t(&self) -> candle_core::Result<Tensor> {
+        match &self.weight {
+            Weight::Dense(w) => Ok(w.clone()),
+            Weight::Q8(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu),
+        }
     }
 
     /// The weight in the checkpoint's `(in, out)` layout.
     fn weight(&self) -> candle_core::Result<Tensor> {
-        self.weight_t.t()?.contiguous()
+        self.weight_t()?.t()?.contiguous()
+    }
+
+    /// Stores the weight as q8_0, when its input width is a whole number of q8_0 blocks.
+    fn quantize_q8(&mut self) -> candle_core::Result<bool> {
+        let Weight::Dense(w) = &self.weight else {
+            return Ok(false);
+        };
+        let (n, k) = w.dims2()?;
+        if k % quantized::BLOCK != 0 {
+            return Ok(false);
+        }
+        let data = w.flatten_all()?.to_vec1::<f32>()?;
+        self.weight = Weight::Q8(std::sync::Arc::new(Q8Matrix::quantize(&data, n, k)));
+        Ok(true)
     }
 }
 
@@ -434,10 +498,10 @@ pub struct Gpt2Model {
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    /// `(vocab, n_embd)`; the same tensor as `wte` when the embeddings are tied.
-    lm_head: Tensor,
-    /// Zeros: GPT-2's LM head has no bias, the decode kernel takes one.
-    lm_head_bias: Tensor,
+    /// `(vocab, n_embd)` with a zero bias; the same tensor as `wte` when the embeddings are tied
+    /// and the weights are f32.
+    lm_head: Conv1D,
+    weight_format: WeightFormat,
     device: Device,
 }
 
@@ -483,10 +547,39 @@ impl Gpt2Model {
             wpe,
             blocks,
             ln_f,
-            lm_head,
-            lm_head_bias,
+            lm_head: Conv1D {
+                weight: Weight::Dense(lm_head),
+                bias: lm_head_bias,
+            },
+            weight_format: WeightFormat::F32,
             device: device.clone(),
         })
+    }
+
+    /// Converts the linear layers and the LM head to `format`. q8_0 applies to layers whose
+    /// input width is a multiple of 32 (all of GPT-2's); others stay f32. Embeddings and layer
+    /// norms stay f32.
+    pub fn with_weight_format(mut self, format: WeightFormat) -> Result<Self, ModelError> {
+        if format == WeightFormat::Q8_0 {
+            let mut layers: Vec<&mut Conv1D> = Vec::new();
+            for block in &mut self.blocks {
+                layers.push(&mut block.attn.c_attn);
+                layers.push(&mut block.attn.c_proj);
+                layers.push(&mut block.mlp.c_fc);
+                layers.push(&mut block.mlp.c_proj);
+            }
+            layers.push(&mut self.lm_head);
+            for layer in layers {
+                layer.quantize_q8().map_err(ModelError::from_candle)?;
+            }
+        }
+        self.weight_format = format;
+        Ok(self)
+    }
+
+    /// How the linear layers' weights are stored.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.weight_format
     }
 
     /// The model's configuration.
@@ -607,11 +700,9 @@ impl Gpt2Model {
             .ln_f
             .forward(&xs)?
             .reshape((batch * positions, n_embd))?;
-        linear(&xs, &self.lm_head, &self.lm_head_bias)?.reshape((
-            batch,
-            positions,
-            self.config.vocab_size,
-        ))
+        self.lm_head
+            .forward(&xs)?
+            .reshape((batch, positions, self.config.vocab_size))
     }
 
     /// One decode step for the sequences of several caches at once (continuous batching): cache
@@ -691,7 +782,8 @@ impl Gpt2Model {
             xs = block.forward_step(&xs, caches, layer)?;
         }
         let xs = self.ln_f.forward(&xs)?;
-        linear_step(&xs, &self.lm_head, &self.lm_head_bias)?
+        self.lm_head
+            .forward_step(&xs)?
             .flatten_all()?
             .to_vec1::<f32>()
     }
@@ -723,7 +815,7 @@ impl Gpt2Model {
         named.push(("ln_f.weight".to_string(), self.ln_f.weight.clone()));
         named.push(("ln_f.bias".to_string(), self.ln_f.bias.clone()));
         if !self.config.tie_word_embeddings {
-            named.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+            named.push(("lm_head.weight".to_string(), self.lm_head.weight_t()?));
         }
         Ok(named)
     }
