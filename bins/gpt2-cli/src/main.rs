@@ -138,6 +138,7 @@ impl From<EngineError> for Failure {
 }
 
 fn main() -> ExitCode {
+    gpt2_engine::return_freed_memory_to_os();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Tokenize { model, text } => tokenize(model, &text),

@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 use crate::args::ServerArgs;
 
 fn main() -> ExitCode {
+    gpt2_engine::return_freed_memory_to_os();
     let args = ServerArgs::parse();
     args::init_logging(args.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()

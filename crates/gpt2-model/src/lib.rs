@@ -25,6 +25,7 @@ mod config;
 mod demo;
 mod kernels;
 mod memory;
+pub use memory::return_freed_memory_to_os;
 mod model;
 mod quantized;
 mod weights;

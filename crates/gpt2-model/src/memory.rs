@@ -9,6 +9,19 @@ use candle_core::{Device, Storage, Tensor};
 
 const HUGE_PAGE: usize = 2 * 1024 * 1024;
 
+/// Makes glibc serve every allocation of 1 MiB or more with its own mapping, returned to the OS
+/// when freed. By default glibc raises that threshold to the size of the largest block freed so
+/// far (up to 32 MiB), so the buffers dropped while loading or quantizing weights, and finished
+/// requests' KV caches, would stay in the process's resident memory. Call once at start; a no-op
+/// elsewhere than glibc.
+pub fn return_freed_memory_to_os() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; any value is valid.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 /// An empty vector with room for `len` floats whose pages the kernel is asked to back with
 /// huge pages. Must be filled before anything else touches it.
 fn huge_page_vec(len: usize) -> Vec<f32> {
@@ -34,24 +47,17 @@ fn huge_page_vec(len: usize) -> Vec<f32> {
     vec
 }
 
-/// A copy of a 2-D f32 CPU tensor in huge-page-backed memory, transposed when asked.
-/// Other tensors are returned as they are.
-pub(crate) fn to_huge_pages(tensor: &Tensor, transpose: bool) -> candle_core::Result<Tensor> {
-    let (rows, cols) = tensor.dims2()?;
-    let tensor = tensor.contiguous()?;
-    let (storage, layout) = tensor.storage_and_layout();
-    let Storage::Cpu(cpu) = &*storage else {
-        drop(storage);
-        return if transpose {
-            tensor.t()?.contiguous()
-        } else {
-            Ok(tensor)
-        };
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("a contiguous tensor has contiguous offsets");
-    };
-    let source = &cpu.as_slice::<f32>()?[start..end];
+/// A `(rows, cols)` f32 matrix copied into huge-page-backed memory, as `(cols, rows)` when
+/// `transpose` is set.
+pub(crate) fn huge_page_tensor(
+    source: &[f32],
+    rows: usize,
+    cols: usize,
+    transpose: bool,
+) -> candle_core::Result<Tensor> {
+    if source.len() != rows * cols {
+        candle_core::bail!("{} values for a ({rows}, {cols}) matrix", source.len());
+    }
     let mut data = huge_page_vec(rows * cols);
     if transpose {
         // Blocked so that both sides stay in cache.
@@ -71,6 +77,26 @@ pub(crate) fn to_huge_pages(tensor: &Tensor, transpose: bool) -> candle_core::Re
         data.extend_from_slice(source);
         Tensor::from_vec(data, (rows, cols), &Device::Cpu)
     }
+}
+
+/// A copy of a 2-D f32 CPU tensor in huge-page-backed memory, transposed when asked.
+/// Tensors on other devices are returned as they are (transposed when asked).
+pub(crate) fn to_huge_pages(tensor: &Tensor, transpose: bool) -> candle_core::Result<Tensor> {
+    let (rows, cols) = tensor.dims2()?;
+    let tensor = tensor.contiguous()?;
+    let (storage, layout) = tensor.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        drop(storage);
+        return if transpose {
+            tensor.t()?.contiguous()
+        } else {
+            Ok(tensor)
+        };
+    };
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("a contiguous tensor has contiguous offsets");
+    };
+    huge_page_tensor(&cpu.as_slice::<f32>()?[start..end], rows, cols, transpose)
 }
 
 #[cfg(test)]

@@ -1,9 +1,9 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::kernels;
 use crate::quantized::{self, Q8Matrix};
 use crate::weights::NamedTensors;
-use crate::{kernels, memory};
 use crate::{Activation, Gpt2Config, KvCache, ModelError};
 
 /// How the weights of the linear layers are stored and multiplied.
@@ -64,12 +64,7 @@ impl Conv1D {
         n_in: usize,
         n_out: usize,
     ) -> Result<Self, ModelError> {
-        let name = format!("{prefix}.weight");
-        let weight = weights.take(&name, &[n_in, n_out])?;
-        let weight_t = memory::to_huge_pages(&weight, true).map_err(|e| ModelError::Tensor {
-            name,
-            reason: e.to_string(),
-        })?;
+        let weight_t = weights.take_huge(&format!("{prefix}.weight"), &[n_in, n_out], true)?;
         Ok(Self {
             weight: Weight::Dense(weight_t),
             bias: weights.take(&format!("{prefix}.bias"), &[n_out])?,
@@ -513,16 +508,7 @@ impl Gpt2Model {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         let cfg = &config;
-        let huge = |name: &str, t: Tensor| {
-            memory::to_huge_pages(&t, false).map_err(|e| ModelError::Tensor {
-                name: name.to_string(),
-                reason: e.to_string(),
-            })
-        };
-        let wte = huge(
-            "wte.weight",
-            weights.take("wte.weight", &[cfg.vocab_size, cfg.n_embd])?,
-        )?;
+        let wte = weights.take_huge("wte.weight", &[cfg.vocab_size, cfg.n_embd], false)?;
         let wpe = weights.take("wpe.weight", &[cfg.n_positions, cfg.n_embd])?;
         let blocks = (0..cfg.n_layer)
             .map(|idx| Block::load(&mut weights, idx, cfg))
@@ -531,10 +517,7 @@ impl Gpt2Model {
         let lm_head = if cfg.tie_word_embeddings {
             wte.clone()
         } else {
-            huge(
-                "lm_head.weight",
-                weights.take("lm_head.weight", &[cfg.vocab_size, cfg.n_embd])?,
-            )?
+            weights.take_huge("lm_head.weight", &[cfg.vocab_size, cfg.n_embd], false)?
         };
         let lm_head_bias =
             Tensor::zeros(cfg.vocab_size, DType::F32, device).map_err(ModelError::from_candle)?;

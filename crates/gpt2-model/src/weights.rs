@@ -70,10 +70,23 @@ fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
 }
 
 /// A checkpoint's tensors under GPT-2's bare names (`wte.weight`, `h.0.attn.c_attn.weight`,
-/// `lm_head.weight`), converted to f32.
+/// `lm_head.weight`), handed out one at a time as f32.
+///
+/// Safetensors files stay memory-mapped and each tensor is converted straight from the mapping
+/// into its final buffer, after which its pages of the mapping are released: loading never holds
+/// a second copy of the weights, so peak memory stays close to the model's own size.
 pub(crate) struct NamedTensors {
-    tensors: HashMap<String, Tensor>,
+    source: Source,
     origin: String,
+}
+
+enum Source {
+    Mapped {
+        files: Vec<(PathBuf, memmap2::Mmap)>,
+        /// Canonical name → (file index, name in the file).
+        index: HashMap<String, (usize, String)>,
+    },
+    Loaded(HashMap<String, Tensor>),
 }
 
 /// Buffers that some checkpoints carry and that the forward pass rebuilds itself.
@@ -87,102 +100,215 @@ fn canonical_name(name: &str) -> &str {
     name.strip_prefix("transformer.").unwrap_or(name)
 }
 
+fn to_f32(view: &safetensors::tensor::TensorView<'_>) -> Result<Vec<f32>, String> {
+    use safetensors::Dtype;
+    let data = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        other => return Err(format!("unsupported dtype {other:?}")),
+    })
+}
+
+/// Tells the kernel the pages under `bytes` (part of a read-only file mapping) are no longer
+/// needed, so they leave the process's resident memory; reading them again would fault them back.
+fn release_mapped(bytes: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        let page = 4096;
+        let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
+        let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
+        if end > start {
+            // SAFETY: the range lies inside a live private read-only file mapping; DONTNEED only
+            // drops its resident pages, which the file backs.
+            unsafe {
+                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED);
+            }
+        }
+    }
+}
+
 impl NamedTensors {
     pub(crate) fn load(files: &WeightFiles, device: &Device) -> Result<Self, ModelError> {
-        let mut tensors = HashMap::new();
-        let origin;
-        let mut insert = |name: &str, tensor: Tensor| -> Result<(), ModelError> {
-            if is_ignored_buffer(name) {
-                return Ok(());
-            }
-            let tensor = tensor
-                .to_dtype(DType::F32)
-                .and_then(|t| t.to_device(device))
-                .map_err(|e| ModelError::Tensor {
-                    name: name.to_string(),
-                    reason: e.to_string(),
-                })?;
-            tensors.insert(canonical_name(name).to_string(), tensor);
-            Ok(())
-        };
         match files {
             WeightFiles::Safetensors(path) => {
-                origin = path.display().to_string();
-                load_safetensors(std::slice::from_ref(path), &mut insert)?;
+                Self::map(std::slice::from_ref(path), path.display().to_string())
             }
             WeightFiles::ShardedSafetensors(paths) => {
-                origin = paths
+                let origin = paths
                     .first()
                     .and_then(|p| p.parent())
                     .map(|p| p.display().to_string())
                     .unwrap_or_default();
-                load_safetensors(paths, &mut insert)?;
+                Self::map(paths, origin)
             }
             WeightFiles::PytorchBin(path) => {
-                origin = path.display().to_string();
                 let pairs =
                     candle_core::pickle::read_all(path).map_err(|e| ModelError::Weights {
                         path: path.display().to_string(),
                         reason: e.to_string(),
                     })?;
+                let mut tensors = HashMap::new();
                 for (name, tensor) in pairs {
-                    insert(&name, tensor)?;
+                    if is_ignored_buffer(&name) {
+                        continue;
+                    }
+                    let tensor = tensor
+                        .to_dtype(DType::F32)
+                        .and_then(|t| t.to_device(device))
+                        .map_err(|e| ModelError::Tensor {
+                            name: name.clone(),
+                            reason: e.to_string(),
+                        })?;
+                    tensors.insert(canonical_name(&name).to_string(), tensor);
                 }
+                Ok(Self {
+                    source: Source::Loaded(tensors),
+                    origin: path.display().to_string(),
+                })
             }
         }
-        Ok(Self { tensors, origin })
+    }
+
+    fn map(paths: &[PathBuf], origin: String) -> Result<Self, ModelError> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for (file_index, path) in paths.iter().enumerate() {
+            let bad_file = |reason: String| ModelError::Weights {
+                path: path.display().to_string(),
+                reason,
+            };
+            let file = std::fs::File::open(path).map_err(|e| ModelError::Io {
+                path: path.display().to_string(),
+                source: e,
+            })?;
+            // SAFETY: the file is only read; a checkpoint modified while it loads is the caller's
+            // problem, as with every mmap-based loader (candle, safetensors, HF).
+            let mapped =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad_file(e.to_string()))?;
+            let names = safetensors::SafeTensors::deserialize(&mapped)
+                .map_err(|e| bad_file(e.to_string()))?
+                .names()
+                .into_iter()
+                .map(str::to_string)
+                .collect::<Vec<_>>();
+            for name in names {
+                if !is_ignored_buffer(&name) {
+                    index.insert(canonical_name(&name).to_string(), (file_index, name));
+                }
+            }
+            files.push((path.clone(), mapped));
+        }
+        Ok(Self {
+            source: Source::Mapped { files, index },
+            origin,
+        })
     }
 
     pub(crate) fn from_map(tensors: HashMap<String, Tensor>, origin: &str) -> Self {
         Self {
-            tensors,
+            source: Source::Loaded(tensors),
             origin: origin.to_string(),
         }
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
-        self.tensors.contains_key(name)
+        match &self.source {
+            Source::Mapped { index, .. } => index.contains_key(name),
+            Source::Loaded(tensors) => tensors.contains_key(name),
+        }
+    }
+
+    fn missing(&self, name: &str) -> ModelError {
+        ModelError::MissingTensor {
+            name: name.to_string(),
+            origin: self.origin.clone(),
+        }
+    }
+
+    fn check_shape(name: &str, found: &[usize], shape: &[usize]) -> Result<(), ModelError> {
+        if found != shape {
+            return Err(ModelError::TensorShape {
+                name: name.to_string(),
+                expected: shape.to_vec(),
+                found: found.to_vec(),
+            });
+        }
+        Ok(())
     }
 
     /// Takes the tensor `name`, checking that its shape is `shape`.
     pub(crate) fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
-        let tensor = self
-            .tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                name: name.to_string(),
-                origin: self.origin.clone(),
-            })?;
-        if tensor.dims() != shape {
-            return Err(ModelError::TensorShape {
-                name: name.to_string(),
-                expected: shape.to_vec(),
-                found: tensor.dims().to_vec(),
-            });
-        }
-        Ok(tensor)
+        self.take_with(
+            name,
+            shape,
+            |data, shape| Tensor::from_vec(data.to_vec(), shape, &Device::Cpu),
+            |tensor| Ok(tensor),
+        )
     }
-}
 
-fn load_safetensors(
-    paths: &[PathBuf],
-    insert: &mut impl FnMut(&str, Tensor) -> Result<(), ModelError>,
-) -> Result<(), ModelError> {
-    for path in paths {
-        let bad_file = |reason: String| ModelError::Weights {
-            path: path.display().to_string(),
-            reason,
+    /// Takes the 2-D tensor `name` of shape `shape` into huge-page-backed memory, transposed
+    /// when asked (see [`crate::memory`]).
+    pub(crate) fn take_huge(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        transpose: bool,
+    ) -> Result<Tensor, ModelError> {
+        self.take_with(
+            name,
+            shape,
+            |data, shape| crate::memory::huge_page_tensor(data, shape[0], shape[1], transpose),
+            |tensor| crate::memory::to_huge_pages(&tensor, transpose),
+        )
+    }
+
+    fn take_with(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        from_data: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<Tensor>,
+        from_tensor: impl FnOnce(Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let tensor_error = |e: candle_core::Error| ModelError::Tensor {
+            name: name.to_string(),
+            reason: e.to_string(),
         };
-        // SAFETY: the file is only read; a checkpoint modified while it loads is the caller's
-        // problem, as with every mmap-based loader (candle, safetensors, HF).
-        let mapped = unsafe { candle_core::safetensors::MmapedSafetensors::new(path) }
-            .map_err(|e| bad_file(e.to_string()))?;
-        for (name, _) in mapped.tensors() {
-            let tensor = mapped
-                .load(&name, &Device::Cpu)
-                .map_err(|e| bad_file(format!("tensor {name}: {e}")))?;
-            insert(&name, tensor)?;
+        match &mut self.source {
+            Source::Loaded(tensors) => {
+                let Some(tensor) = tensors.remove(name) else {
+                    return Err(self.missing(name));
+                };
+                Self::check_shape(name, tensor.dims(), shape)?;
+                from_tensor(tensor).map_err(tensor_error)
+            }
+            Source::Mapped { files, index } => {
+                let Some((file_index, file_name)) = index.remove(name) else {
+                    return Err(self.missing(name));
+                };
+                let (path, mapped) = &files[file_index];
+                let bad_file = |reason: String| ModelError::Weights {
+                    path: path.display().to_string(),
+                    reason: format!("tensor {file_name}: {reason}"),
+                };
+                let st = safetensors::SafeTensors::deserialize(mapped)
+                    .map_err(|e| bad_file(e.to_string()))?;
+                let view = st.tensor(&file_name).map_err(|e| bad_file(e.to_string()))?;
+                Self::check_shape(name, view.shape(), shape)?;
+                let data = to_f32(&view).map_err(bad_file)?;
+                release_mapped(view.data());
+                from_data(&data, shape).map_err(tensor_error)
+            }
         }
     }
-    Ok(())
 }
