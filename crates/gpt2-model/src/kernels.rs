@@ -315,7 +315,27 @@ pub(crate) fn small_rows_matmul(
             &zeros
         }
     };
-    // Each task owns a column range of every output row: compute it into a local tile, then copy.
+    by_column_ranges(rows, n, |start, end, tile, width| {
+        dot_rows_dispatch(
+            x,
+            rows,
+            k,
+            &w[start * k..end * k],
+            &bias[start..end],
+            tile,
+            width,
+        )
+    })
+}
+
+/// Splits the `n` output columns of a `(rows, n)` result into ranges computed in parallel: each
+/// task fills a `(rows, width)` tile for columns `start..end` (row stride `width`), and the tiles
+/// are copied into place.
+pub(crate) fn by_column_ranges(
+    rows: usize,
+    n: usize,
+    compute: impl Fn(usize, usize, &mut [f32], usize) + Sync,
+) -> Vec<f32> {
     let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_COLUMNS))
         .into_par_iter()
         .map(|task| {
@@ -323,21 +343,13 @@ pub(crate) fn small_rows_matmul(
             let end = (start + TASK_COLUMNS).min(n);
             let width = end - start;
             let mut tile = vec![0.0f32; rows * width];
-            dot_rows_dispatch(
-                x,
-                rows,
-                k,
-                &w[start * k..end * k],
-                &bias[start..end],
-                &mut tile,
-                width,
-            );
+            compute(start, end, &mut tile, width);
             (start, tile)
         })
         .collect();
     let mut y = vec![0.0f32; rows * n];
     for (start, tile) in tiles {
-        let width = tile.len() / rows;
+        let width = tile.len() / rows.max(1);
         for r in 0..rows {
             y[r * n + start..r * n + start + width]
                 .copy_from_slice(&tile[r * width..(r + 1) * width]);

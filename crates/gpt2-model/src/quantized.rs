@@ -12,8 +12,6 @@ use rayon::prelude::*;
 pub(crate) const BLOCK: usize = 32;
 /// Weight rows processed together.
 const ROW_BLOCK: usize = 4;
-/// Output columns per parallel task.
-const TASK_COLUMNS: usize = 64;
 
 /// A weight matrix `(n, k)` in q8_0: `quants[j·k + i]` times `scales[j·k/32 + i/32]`.
 #[derive(Debug, Clone)]
@@ -68,37 +66,11 @@ impl Q8Matrix {
     /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`.
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
         let (n, k) = (self.n, self.k);
-        let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_COLUMNS))
-            .into_par_iter()
-            .map(|task| {
-                let start = task * TASK_COLUMNS;
-                let end = (start + TASK_COLUMNS).min(n);
-                let width = end - start;
-                let mut tile = vec![0.0f32; rows * width];
-                let quants = &self.quants[start * k..end * k];
-                let scales = &self.scales[start * k / BLOCK..end * k / BLOCK];
-                dot_rows_dispatch(
-                    x,
-                    rows,
-                    k,
-                    quants,
-                    scales,
-                    &bias[start..end],
-                    &mut tile,
-                    width,
-                );
-                (start, tile)
-            })
-            .collect();
-        let mut y = vec![0.0f32; rows * n];
-        for (start, tile) in tiles {
-            let width = tile.len() / rows;
-            for r in 0..rows {
-                y[r * n + start..r * n + start + width]
-                    .copy_from_slice(&tile[r * width..(r + 1) * width]);
-            }
-        }
-        y
+        crate::kernels::by_column_ranges(rows, n, |start, end, tile, width| {
+            let quants = &self.quants[start * k..end * k];
+            let scales = &self.scales[start * k / BLOCK..end * k / BLOCK];
+            dot_rows_dispatch(x, rows, k, quants, scales, &bias[start..end], tile, width);
+        })
     }
 }
 
