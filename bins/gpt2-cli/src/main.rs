@@ -29,6 +29,22 @@ enum Command {
     },
     /// Generate text: the request's fields come from --request (the HTTP body) and/or flags.
     Generate(GenerateArgs),
+    /// Download a checkpoint from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN honoured) into a
+    /// model directory.
+    Download {
+        /// Repository, e.g. openai-community/gpt2, openai-community/gpt2-xl, distilbert/distilgpt2.
+        #[arg(default_value = "openai-community/gpt2")]
+        repo: String,
+        /// Destination directory.
+        #[arg(long)]
+        to: PathBuf,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+        /// Base URL of the hub (default: $HF_ENDPOINT, else https://huggingface.co).
+        #[arg(long)]
+        endpoint: Option<String>,
+    },
     /// Time a request: load the model once, run the request --warmup + --runs times, print one
     /// JSON line with the run times (model loading excluded).
     Bench(BenchArgs),
@@ -144,6 +160,12 @@ fn main() -> ExitCode {
         Command::Tokenize { model, text } => tokenize(model, &text),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => time_request(args),
+        Command::Download {
+            repo,
+            to,
+            revision,
+            endpoint,
+        } => download(&repo, &to, revision, endpoint),
     };
     match result {
         Ok(output) => {
@@ -160,6 +182,26 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+fn download(
+    repo: &str,
+    to: &std::path::Path,
+    revision: String,
+    endpoint: Option<String>,
+) -> Result<String, Failure> {
+    let mut options = gpt2_hub::HubOptions::from_env();
+    options.revision = revision;
+    if let Some(endpoint) = endpoint {
+        options.endpoint = endpoint;
+    }
+    let files = gpt2_hub::download_model(repo, to, &options)
+        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let mut out = String::new();
+    for file in files {
+        out.push_str(&format!("{}\n", file.display()));
+    }
+    Ok(out)
 }
 
 fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {

@@ -239,3 +239,112 @@ fn q8_0_weights_generate_from_the_same_request() {
     assert_eq!(printed.len(), 1);
     assert!(printed[0].starts_with("a b c") && printed[0].len() > "a b c".len());
 }
+
+/// Serves the files of `dir` under `/{repo}/resolve/main/{file}`, 404 for anything else.
+fn serve_directory(dir: PathBuf) -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match std::io::Read::read(&mut stream, &mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let line = String::from_utf8_lossy(&request)
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            let path = line
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_string();
+            let file = path
+                .strip_prefix("/test/tiny/resolve/main/")
+                .map(|f| dir.join(f));
+            let response = match file.filter(|f| f.is_file()) {
+                Some(file) => {
+                    let body = std::fs::read(file).unwrap();
+                    let mut r = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    )
+                    .into_bytes();
+                    r.extend(body);
+                    r
+                }
+                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    .to_vec(),
+            };
+            let _ = stream.write_all(&response);
+        }
+    });
+    port
+}
+
+#[test]
+fn download_fetches_sharded_weights_from_a_hub_layout() {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-sharded");
+    let port = serve_directory(source);
+    let dest = std::env::temp_dir().join(format!("gpt2-download-{}", std::process::id()));
+    std::fs::remove_dir_all(&dest).ok();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let out = gpt2(
+        &[
+            "download",
+            "test/tiny",
+            "--to",
+            dest.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let listed = stdout(&out);
+    assert!(
+        listed.contains("model.safetensors.index.json")
+            && listed.contains("model-00006-of-00006.safetensors"),
+        "{listed}"
+    );
+    assert!(
+        !dest.join("tokenizer.json").exists(),
+        "absent optional files are skipped"
+    );
+    // The downloaded directory serves requests.
+    let body = r#"{"input": "a b", "mode": "greedy", "max_length": 6, "num_return_sequences": 1}"#;
+    let out = gpt2(
+        &[
+            "generate",
+            "--model",
+            dest.to_str().unwrap(),
+            "--request",
+            "-",
+        ],
+        Some(body),
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    // A repository that does not exist is one clear error line and a non-zero exit.
+    let empty = dest.join("elsewhere");
+    let out = gpt2(
+        &[
+            "download",
+            "nobody/nothing",
+            "--to",
+            empty.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("config.json"), "{}", stderr(&out));
+    assert_eq!(stderr(&out).lines().count(), 1);
+    std::fs::remove_dir_all(&dest).ok();
+}
