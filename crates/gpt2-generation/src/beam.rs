@@ -39,6 +39,8 @@ pub struct BeamSearch {
     /// The best `num_beams` finished hypotheses, best first (placeholders at −1e9).
     finished: Vec<Finished>,
     done: bool,
+    /// Reused buffer for the step's num_beams × vocab scores.
+    scores: Vec<f32>,
 }
 
 /// What the caller must run next: for each running beam, the cache row it continues and the
@@ -80,6 +82,7 @@ impl BeamSearch {
                 })
                 .collect(),
             done: prompt.len() >= max_length,
+            scores: Vec::new(),
         }
     }
 
@@ -100,8 +103,10 @@ impl BeamSearch {
         let rows = logits.len() / vocab;
         let cur_len = self.running[0].len();
 
-        // Accumulated log-probabilities of every (beam, token), flattened beam-major.
-        let mut scores = Vec::with_capacity(num_beams * vocab);
+        // Accumulated log-probabilities of every (beam, token), flattened beam-major, in a buffer
+        // kept between steps.
+        let mut scores = std::mem::take(&mut self.scores);
+        scores.clear();
         for beam in 0..num_beams {
             let row = if rows == 1 { 0 } else { beam.min(rows - 1) };
             let mut log_probs = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
@@ -127,6 +132,7 @@ impl BeamSearch {
                 }
             })
             .collect();
+        self.scores = scores;
 
         // Next running beams: the best candidates that did not stop.
         let running_log_probs: Vec<f32> = candidates
@@ -219,24 +225,41 @@ fn log_softmax(logits: &[f32]) -> Vec<f32> {
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index (torch's
 /// `topk` makes no promise there). NaN ranks lowest.
+///
+/// One pass that keeps the `k` best seen so far: `k` is at most 2·num_beams while `values` holds
+/// num_beams·vocab scores, so nearly every value is rejected by a single comparison.
 fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();
     }
-    let order = |a: &usize, b: &usize| {
-        let (va, vb) = (values[*a], values[*b]);
-        let va = if va.is_nan() { f32::NEG_INFINITY } else { va };
-        let vb = if vb.is_nan() { f32::NEG_INFINITY } else { vb };
-        vb.total_cmp(&va).then(a.cmp(b))
+    let key = |i: usize| {
+        let v = values[i];
+        if v.is_nan() {
+            f32::NEG_INFINITY
+        } else {
+            v
+        }
     };
-    let mut indices: Vec<usize> = (0..values.len()).collect();
-    if k < indices.len() {
-        indices.select_nth_unstable_by(k - 1, order);
-        indices.truncate(k);
+    let order = |a: &usize, b: &usize| key(*b).total_cmp(&key(*a)).then(a.cmp(b));
+    let worst_of = |best: &[usize]| {
+        (0..best.len())
+            .max_by(|&x, &y| order(&best[x], &best[y]))
+            .unwrap_or(0)
+    };
+    let mut best: Vec<usize> = (0..k).collect();
+    let mut worst = worst_of(&best);
+    let mut threshold = key(best[worst]);
+    for i in k..values.len() {
+        // A later index only wins with a strictly greater value (ties go to the lower index).
+        if key(i).total_cmp(&threshold) == std::cmp::Ordering::Greater {
+            best[worst] = i;
+            worst = worst_of(&best);
+            threshold = key(best[worst]);
+        }
     }
-    indices.sort_unstable_by(order);
-    indices
+    best.sort_unstable_by(order);
+    best
 }
 
 #[cfg(test)]
@@ -255,6 +278,15 @@ mod tests {
         assert_eq!(top_indices(&[1.0, 3.0, 3.0, 2.0], 3), vec![1, 2, 3]);
         assert_eq!(top_indices(&[1.0, f32::NAN, 0.0], 2), vec![0, 2]);
         assert_eq!(top_indices(&[1.0], 5), vec![0]);
+        assert_eq!(top_indices(&[0.0, 5.0, 5.0, 5.0, 1.0], 2), vec![1, 2]);
+        assert_eq!(top_indices(&[-0.0, 0.0], 1), vec![1]);
+        // Against a full sort on a longer input with many ties.
+        let values: Vec<f32> = (0..500).map(|i| ((i * 7919) % 97) as f32 / 4.0).collect();
+        let mut sorted: Vec<usize> = (0..values.len()).collect();
+        sorted.sort_by(|a, b| values[*b].total_cmp(&values[*a]).then(a.cmp(b)));
+        for k in [1, 3, 10, 32] {
+            assert_eq!(top_indices(&values, k), sorted[..k].to_vec());
+        }
     }
 
     #[test]

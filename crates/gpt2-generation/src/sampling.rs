@@ -15,22 +15,29 @@ impl Candidates {
     /// Only the survivors of top-k are sorted, so the full vocabulary is never sorted when top-k
     /// is on; with top-k off, top-p sorts the finite logits.
     pub fn from_logits(logits: &[f32], params: &SamplingParams) -> Self {
+        let warp = |l: f32| {
+            if params.temperature != 1.0 {
+                l / params.temperature
+            } else {
+                l
+            }
+        };
+        let finite = |l: &f32| *l != f32::NEG_INFINITY && !l.is_nan();
+        let threshold = if params.top_k > 0 {
+            kth_largest(
+                logits.iter().copied().filter(finite).map(warp),
+                params.top_k,
+            )
+        } else {
+            None
+        };
         let mut tokens: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
-            .filter(|(_, l)| **l != f32::NEG_INFINITY && !l.is_nan())
-            .map(|(id, &l)| {
-                let warped = if params.temperature != 1.0 {
-                    l / params.temperature
-                } else {
-                    l
-                };
-                (id as u32, warped)
-            })
+            .filter(|(_, l)| finite(l))
+            .map(|(id, &l)| (id as u32, warp(l)))
+            .filter(|&(_, w)| threshold.is_none_or(|t| w >= t))
             .collect();
-        if params.top_k > 0 && params.top_k < tokens.len() {
-            keep_top_k(&mut tokens, params.top_k);
-        }
         sort_descending(&mut tokens);
         if params.top_p < 1.0 {
             keep_top_p(&mut tokens, params.top_p);
@@ -84,13 +91,39 @@ fn sort_descending(tokens: &mut [(u32, f32)]) {
     tokens.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
 }
 
-/// HF's `TopKLogitsWarper`: removes every logit below the k-th highest, so ties at the k-th
-/// value all stay. Linear time: a selection, not a sort.
-fn keep_top_k(tokens: &mut Vec<(u32, f32)>, k: usize) {
-    let mut values: Vec<f32> = tokens.iter().map(|&(_, l)| l).collect();
-    let (_, kth, _) = values.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-    let threshold = *kth;
-    tokens.retain(|&(_, l)| l >= threshold);
+/// The k-th highest of `values` (duplicates counted), `None` when there are at most `k` values:
+/// the threshold of HF's `TopKLogitsWarper`, which removes every logit below it (so ties at the
+/// k-th value all stay). One pass keeping the k highest seen so far; nothing is sorted.
+fn kth_largest(values: impl Iterator<Item = f32>, k: usize) -> Option<f32> {
+    let mut best: Vec<f32> = Vec::with_capacity(k);
+    let mut lowest = (0, f32::INFINITY);
+    let mut more_than_k = false;
+    for v in values {
+        if best.len() < k {
+            best.push(v);
+            if best.len() == k {
+                lowest = lowest_of(&best);
+            }
+        } else {
+            more_than_k = true;
+            if v > lowest.1 {
+                best[lowest.0] = v;
+                lowest = lowest_of(&best);
+            }
+        }
+    }
+    more_than_k.then_some(lowest.1)
+}
+
+fn lowest_of(values: &[f32]) -> (usize, f32) {
+    values
+        .iter()
+        .copied()
+        .enumerate()
+        .fold(
+            (0, f32::INFINITY),
+            |low, (i, v)| if v < low.1 { (i, v) } else { low },
+        )
 }
 
 /// HF's `TopPLogitsWarper`: walking up from the least likely token, removes tokens while the
