@@ -58,9 +58,6 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         load_ms = loading.elapsed().as_millis() as u64,
         "model loaded"
     );
-    if *pipeline.source() == ModelSource::Demo {
-        warn!("serving the DEMO model: random weights, its text is noise, not GPT-2");
-    }
     let limits = *pipeline.limits();
     let (engine, worker) = Engine::start(pipeline, args.engine_config())
         .map_err(|e| format!("cannot start the inference worker: {e}"))?;

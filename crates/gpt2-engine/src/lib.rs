@@ -29,7 +29,7 @@ pub use gpt2_model::{return_freed_memory_to_os, WeightFormat};
 pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
 pub use pipeline::{GenerationOutput, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
 pub use run::{generate_ids, Decoding};
-pub use worker::{Completed, Engine, EngineConfig, EngineStats, PipelineInfo, SubmitError};
+pub use worker::{Completed, Engine, EngineConfig, EngineStats, SubmitError};
 
 /// Errors of loading a pipeline or serving a request.
 #[derive(Debug, thiserror::Error)]

@@ -81,7 +81,6 @@ pub struct Engine {
     jobs: mpsc::Sender<Job>,
     admission: Arc<Semaphore>,
     config: EngineConfig,
-    pipeline_info: Arc<PipelineInfo>,
     stats: Arc<EngineStats>,
     alive: Arc<AtomicBool>,
 }
@@ -104,15 +103,6 @@ pub struct EngineStats {
     pub decode_rows: std::sync::atomic::AtomicU64,
 }
 
-/// What handlers may want to know about the model without reaching into the worker.
-#[derive(Debug, Clone)]
-pub struct PipelineInfo {
-    /// Whether the model is the demo model.
-    pub is_demo: bool,
-    /// The model's position limit.
-    pub n_positions: usize,
-}
-
 impl Engine {
     /// Moves `pipeline` onto a new worker thread and returns the handle and the thread. The
     /// thread ends when every handle is dropped.
@@ -121,10 +111,6 @@ impl Engine {
         config: EngineConfig,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::channel::<Job>();
-        let pipeline_info = Arc::new(PipelineInfo {
-            is_demo: *pipeline.source() == crate::ModelSource::Demo,
-            n_positions: pipeline.model().config().n_positions,
-        });
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let alive = Arc::new(AtomicBool::new(true));
@@ -139,7 +125,6 @@ impl Engine {
             jobs,
             admission: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
             config,
-            pipeline_info,
             stats,
             alive,
         };
@@ -149,11 +134,6 @@ impl Engine {
     /// The admission and deadline settings.
     pub fn config(&self) -> &EngineConfig {
         &self.config
-    }
-
-    /// Facts about the loaded model.
-    pub fn info(&self) -> &PipelineInfo {
-        &self.pipeline_info
     }
 
     /// Whether the inference worker is running (false after it died, for health checks).
