@@ -1,44 +1,64 @@
-//! 8-bit weights for the decode step: ggml's q8_0 scheme (blocks of 32 int8 values sharing one
-//! scale, the scale rounded to f16), dequantized on the fly and multiplied with f32 activations.
+//! 8-bit weights for the decode step: ggml's q8_0 scheme. Weights are int8 in blocks of 32 along
+//! the input dimension, each block sharing an f16 scale; activations are quantized the same way
+//! (per row, blocks of 32, f32 scale) just before each matmul, so that the dot products run in
+//! integer arithmetic: exact 32-bit sums per block, then one float multiply-add per block.
 //!
-//! Like the f32 kernel, each block of weight rows is streamed once per step and used for every
-//! activation row while in L1, so a step reads about 1.1 bytes per weight instead of 4. The
-//! activations are not quantized, so the only error is the weights' rounding.
+//! The weights are repacked at load time for AVX-512 VNNI: one 64-byte vector holds 4 consecutive
+//! input values of 16 consecutive outputs, so `vpdpbusd` advances 16 outputs by 4 inputs in one
+//! instruction and each weight byte is read once per step for all activation rows. The portable
+//! path walks the same layout with the same operation order, so both give identical bits.
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 /// Values per block sharing one scale.
 pub(crate) const BLOCK: usize = 32;
-/// Weight rows processed together.
-const ROW_BLOCK: usize = 4;
+/// Outputs interleaved in one vector (its 32-bit lanes).
+const LANES: usize = 16;
+/// Inputs per lane per `vpdpbusd`.
+const QUAD: usize = 4;
+/// Offset making the int8 weights unsigned, as `vpdpbusd` wants one unsigned operand.
+const OFFSET: i32 = 128;
 
-/// A weight matrix `(n, k)` in q8_0: `quants[j·k + i]` times `scales[j·k/32 + i/32]`.
+/// A weight matrix `(n, k)` in q8_0, repacked for the integer kernels.
 #[derive(Debug, Clone)]
 pub(crate) struct Q8Matrix {
     n: usize,
     k: usize,
-    quants: Vec<i8>,
-    scales: Vec<f32>,
+    /// `(n/16 rounded up, k/4, 16, 4)`: `weight + 128`; padded outputs are zero weights.
+    quants: Vec<u8>,
+    /// `(n/16 rounded up, k/32, 16)`: each block's scale, f16.
+    scales: Vec<half::f16>,
 }
 
 impl Q8Matrix {
     /// Quantizes `(n, k)` f32 rows; `k` must be a multiple of [`BLOCK`].
     pub(crate) fn quantize(weights: &[f32], n: usize, k: usize) -> Self {
         assert!(k % BLOCK == 0 && weights.len() == n * k);
-        let mut quants = vec![0i8; n * k];
-        let mut scales = vec![0.0f32; n * k / BLOCK];
+        let groups = n.div_ceil(LANES);
+        let blocks = k / BLOCK;
+        let mut quants = vec![OFFSET as u8; groups * k * LANES];
+        let mut scales = vec![half::f16::ZERO; groups * blocks * LANES];
         quants
-            .par_chunks_mut(BLOCK)
-            .zip(scales.par_iter_mut())
-            .zip(weights.par_chunks(BLOCK))
-            .for_each(|((q, scale), w)| {
-                let max = w.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-                let d = half::f16::from_f32(max / 127.0).to_f32();
-                *scale = d;
-                let inverse = if d == 0.0 { 0.0 } else { 1.0 / d };
-                for (q, v) in q.iter_mut().zip(w) {
-                    *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+            .par_chunks_mut(k * LANES)
+            .zip(scales.par_chunks_mut(blocks * LANES))
+            .enumerate()
+            .for_each(|(group, (quants, scales))| {
+                for lane in 0..LANES.min(n - group * LANES) {
+                    let row = &weights[(group * LANES + lane) * k..][..k];
+                    for (block, values) in row.chunks(BLOCK).enumerate() {
+                        let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+                        let scale = half::f16::from_f32(max / 127.0);
+                        scales[block * LANES + lane] = scale;
+                        let scale = scale.to_f32();
+                        let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+                        for (offset, v) in values.iter().enumerate() {
+                            let i = block * BLOCK + offset;
+                            let q = (v * inverse).round().clamp(-127.0, 127.0) as i32;
+                            quants[((i / QUAD) * LANES + lane) * QUAD + i % QUAD] =
+                                (q + OFFSET) as u8;
+                        }
+                    }
                 }
             });
         Self {
@@ -49,12 +69,19 @@ impl Q8Matrix {
         }
     }
 
+    /// The weight a `(j, i)` entry stands for.
+    fn weight(&self, j: usize, i: usize) -> f32 {
+        let (group, lane) = (j / LANES, j % LANES);
+        let q = self.quants[((group * self.k / QUAD + i / QUAD) * LANES + lane) * QUAD + i % QUAD];
+        let scale = self.scales[(group * self.k / BLOCK + i / BLOCK) * LANES + lane];
+        (i32::from(q) - OFFSET) as f32 * scale.to_f32()
+    }
+
     /// Back to f32, `(n, k)`.
     pub(crate) fn dequantize(&self) -> Vec<f32> {
-        self.quants
-            .iter()
-            .enumerate()
-            .map(|(i, &q)| f32::from(q) * self.scales[i / BLOCK])
+        (0..self.n)
+            .flat_map(|j| (0..self.k).map(move |i| (j, i)))
+            .map(|(j, i)| self.weight(j, i))
             .collect()
     }
 
@@ -63,147 +90,256 @@ impl Q8Matrix {
         (self.n, self.k)
     }
 
-    /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`.
+    /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`. The
+    /// activations are quantized to q8_0 first.
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        let (n, k) = (self.n, self.k);
-        crate::kernels::by_column_ranges(rows, n, |start, end, tile, width| {
-            let quants = &self.quants[start * k..end * k];
-            let scales = &self.scales[start * k / BLOCK..end * k / BLOCK];
-            dot_rows_dispatch(x, rows, k, quants, scales, &bias[start..end], tile, width);
+        let activations = QuantizedRows::new(x, rows, self.k);
+        crate::kernels::by_column_ranges(rows, self.n, |start, end, tile, width| {
+            tile_dispatch(
+                self,
+                &activations,
+                start,
+                end,
+                &bias[start..end],
+                tile,
+                width,
+            );
         })
     }
 }
 
-/// Portable version: `out[r][j] = Σ x[r][i] · q[j][i] · d[j][i/32] + bias[j]`.
-#[allow(clippy::too_many_arguments)]
-fn dot_rows_portable(
-    x: &[f32],
+/// Activation rows in q8_0: per block of 32, int8 values and an f32 scale.
+struct QuantizedRows {
     rows: usize,
-    k: usize,
-    q: &[i8],
-    d: &[f32],
-    bias: &[f32],
-    out: &mut [f32],
-    stride: usize,
-) {
-    let blocks = k / BLOCK;
-    for j in 0..bias.len() {
-        for r in 0..rows {
-            let xr = &x[r * k..(r + 1) * k];
-            let mut sum = 0.0f32;
-            for b in 0..blocks {
-                let mut partial = [0.0f32; 8];
-                for (i, (xv, qv)) in xr[b * BLOCK..(b + 1) * BLOCK]
-                    .iter()
-                    .zip(&q[j * k + b * BLOCK..j * k + (b + 1) * BLOCK])
-                    .enumerate()
-                {
-                    partial[i % 8] += xv * f32::from(*qv);
+    /// `(rows, k/4)`: four consecutive int8 values, little-endian, as one word to broadcast.
+    quads: Vec<i32>,
+    /// `(rows, k/32)`: each block's scale.
+    scales: Vec<f32>,
+    /// `(rows, k/32)`: `-128 · Σ values`, cancelling the weights' offset in the integer sum.
+    corrections: Vec<i32>,
+}
+
+impl QuantizedRows {
+    fn new(x: &[f32], rows: usize, k: usize) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has the feature this function is compiled for.
+            return unsafe { Self::new_avx512(x, rows, k) };
+        }
+        Self::build(x, rows, k)
+    }
+
+    /// [`Self::build`] with rounding in vector instructions instead of calls to `roundf`; the
+    /// same values, since rounding is exact either way.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn new_avx512(x: &[f32], rows: usize, k: usize) -> Self {
+        Self::build(x, rows, k)
+    }
+
+    #[inline(always)]
+    fn build(x: &[f32], rows: usize, k: usize) -> Self {
+        let blocks = rows * k / BLOCK;
+        let mut quads = Vec::with_capacity(rows * k / QUAD);
+        let mut scales = Vec::with_capacity(blocks);
+        let mut corrections = Vec::with_capacity(blocks);
+        for values in x[..rows * k].chunks(BLOCK) {
+            let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let scale = max / 127.0;
+            let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
+            let mut sum = 0i32;
+            for four in values.chunks(QUAD) {
+                let mut bytes = [0u8; QUAD];
+                for (byte, v) in bytes.iter_mut().zip(four) {
+                    let q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+                    sum += i32::from(q);
+                    *byte = q as u8;
                 }
-                sum += partial.iter().sum::<f32>() * d[j * blocks + b];
+                quads.push(i32::from_le_bytes(bytes));
             }
-            out[r * stride + j] = sum + bias[j];
+            scales.push(scale);
+            corrections.push(-OFFSET * sum);
+        }
+        Self {
+            rows,
+            quads,
+            scales,
+            corrections,
         }
     }
 }
 
-/// AVX-512: each block of 32 int8 weights becomes two f32 vectors (times the block's scale) and
-/// feeds one FMA per activation row.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn dot_rows_avx512(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    q: &[i8],
-    d: &[f32],
+/// Portable version of [`tile_avx512`], in the same order of float operations.
+fn tile_portable(
+    m: &Q8Matrix,
+    a: &QuantizedRows,
+    start: usize,
     bias: &[f32],
-    out: &mut [f32],
-    stride: usize,
+    tile: &mut [f32],
+    width: usize,
 ) {
-    use std::arch::x86_64::*;
-    let n = bias.len();
-    let blocks = k / BLOCK;
-    assert!(x.len() >= rows * k && q.len() >= n * k && d.len() >= n * blocks);
-    let mut j = 0;
-    while j + ROW_BLOCK <= n {
-        let mut r = 0;
-        while r < rows {
-            let group = 4.min(rows - r);
-            let mut acc = [[_mm512_setzero_ps(); ROW_BLOCK]; 4];
+    let (quads, blocks) = (m.k / QUAD, m.k / BLOCK);
+    for (column, bias) in (start..).zip(bias) {
+        let (group, lane) = (column / LANES, column % LANES);
+        let weights = &m.quants[group * quads * LANES * QUAD..][..quads * LANES * QUAD];
+        let scales = &m.scales[group * blocks * LANES..][..blocks * LANES];
+        for r in 0..a.rows {
+            let mut acc = 0.0f32;
             for b in 0..blocks {
-                let mut w = [[_mm512_setzero_ps(); 2]; ROW_BLOCK];
-                for (row, w_row) in w.iter_mut().enumerate() {
-                    let base = q.as_ptr().add((j + row) * k + b * BLOCK);
-                    let scale = _mm512_set1_ps(*d.get_unchecked((j + row) * blocks + b));
-                    let low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        base as *const __m128i,
-                    )));
-                    let high = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
-                        base.add(16) as *const __m128i,
-                    )));
-                    w_row[0] = _mm512_mul_ps(low, scale);
-                    w_row[1] = _mm512_mul_ps(high, scale);
-                }
-                for g in 0..group {
-                    let xp = x.as_ptr().add((r + g) * k + b * BLOCK);
-                    let (x0, x1) = (_mm512_loadu_ps(xp), _mm512_loadu_ps(xp.add(16)));
-                    for (row, w_row) in w.iter().enumerate() {
-                        acc[g][row] = _mm512_fmadd_ps(x0, w_row[0], acc[g][row]);
-                        acc[g][row] = _mm512_fmadd_ps(x1, w_row[1], acc[g][row]);
+                let mut sum = a.corrections[r * blocks + b];
+                for quad in b * BLOCK / QUAD..(b + 1) * BLOCK / QUAD {
+                    let x = a.quads[r * quads + quad].to_le_bytes();
+                    let w = &weights[(quad * LANES + lane) * QUAD..][..QUAD];
+                    for (w, x) in w.iter().zip(x) {
+                        sum += i32::from(*w) * i32::from(x as i8);
                     }
                 }
+                let scale = scales[b * LANES + lane].to_f32() * a.scales[r * blocks + b];
+                acc += sum as f32 * scale;
             }
-            for g in 0..group {
-                for row in 0..ROW_BLOCK {
-                    out[(r + g) * stride + j + row] =
-                        _mm512_reduce_add_ps(acc[g][row]) + bias[j + row];
-                }
-            }
-            r += group;
+            tile[r * width + column - start] = acc + bias;
         }
-        j += ROW_BLOCK;
-    }
-    if j < n {
-        dot_rows_portable(
-            x,
-            rows,
-            k,
-            &q[j * k..],
-            &d[j * blocks..],
-            &bias[j..],
-            &mut out[j..],
-            stride,
-        );
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn dot_rows_dispatch(
-    x: &[f32],
-    rows: usize,
-    k: usize,
-    q: &[i8],
-    d: &[f32],
+/// Outputs `start..start + bias.len()` for every row, `start` a multiple of 16: groups of 16
+/// outputs two at a time, rows four at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn tile_avx512(
+    m: &Q8Matrix,
+    a: &QuantizedRows,
+    start: usize,
     bias: &[f32],
-    out: &mut [f32],
-    stride: usize,
+    tile: &mut [f32],
+    width: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let avx512 = *AVX512.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("fma")
-        });
-        if avx512 {
-            // SAFETY: the CPU has the features this function is compiled for.
-            return unsafe { dot_rows_avx512(x, rows, k, q, d, bias, out, stride) };
+    debug_assert!(start % LANES == 0);
+    let end = start + bias.len();
+    let mut group = start / LANES;
+    while group * LANES < end {
+        let pair = group * LANES + LANES < end;
+        let mut r = 0;
+        while r < a.rows {
+            let take = (a.rows - r).min(4);
+            // SAFETY (all arms): `group` and the rows `r..r + take` are in range.
+            let done = match (pair, take) {
+                (true, 4) => store::<4, 2>(m, a, group, r, start, end, bias, tile, width),
+                (true, 3) => store::<3, 2>(m, a, group, r, start, end, bias, tile, width),
+                (true, 2) => store::<2, 2>(m, a, group, r, start, end, bias, tile, width),
+                (true, _) => store::<1, 2>(m, a, group, r, start, end, bias, tile, width),
+                (false, 4) => store::<4, 1>(m, a, group, r, start, end, bias, tile, width),
+                (false, 3) => store::<3, 1>(m, a, group, r, start, end, bias, tile, width),
+                (false, 2) => store::<2, 1>(m, a, group, r, start, end, bias, tile, width),
+                (false, _) => store::<1, 1>(m, a, group, r, start, end, bias, tile, width),
+            };
+            r += done;
+        }
+        group += if pair { 2 } else { 1 };
+    }
+}
+
+/// Computes rows `r..r + RG` for the `CG` groups of outputs from `group`, and writes those inside
+/// `start..end` into `tile`; returns `RG`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn store<const RG: usize, const CG: usize>(
+    m: &Q8Matrix,
+    a: &QuantizedRows,
+    group: usize,
+    r: usize,
+    start: usize,
+    end: usize,
+    bias: &[f32],
+    tile: &mut [f32],
+    width: usize,
+) -> usize {
+    use std::arch::x86_64::*;
+    let (quads, blocks) = (m.k / QUAD, m.k / BLOCK);
+    assert!((group + CG) * LANES <= m.quants.len() / m.k && (r + RG) <= a.rows);
+    let weights = m.quants.as_ptr().add(group * quads * LANES * QUAD);
+    let scales = m.scales.as_ptr().add(group * blocks * LANES);
+    let x_quads = a.quads.as_ptr().add(r * quads);
+    let mut acc = [[_mm512_setzero_ps(); CG]; RG];
+    for b in 0..blocks {
+        let mut sums = [[_mm512_setzero_si512(); CG]; RG];
+        for (row, sums) in sums.iter_mut().enumerate() {
+            let correction =
+                _mm512_set1_epi32(*a.corrections.get_unchecked((r + row) * blocks + b));
+            *sums = [correction; CG];
+        }
+        for quad in b * BLOCK / QUAD..(b + 1) * BLOCK / QUAD {
+            let mut w = [_mm512_setzero_si512(); CG];
+            for (c, w) in w.iter_mut().enumerate() {
+                *w = _mm512_loadu_si512(
+                    weights.add(((c * quads + quad) * LANES * QUAD) as usize) as *const _
+                );
+            }
+            for (row, sums) in sums.iter_mut().enumerate() {
+                let x = _mm512_set1_epi32(*x_quads.add(row * quads + quad));
+                for (sum, w) in sums.iter_mut().zip(&w) {
+                    *sum = _mm512_dpbusd_epi32(*sum, *w, x);
+                }
+            }
+        }
+        let mut scale = [_mm512_setzero_ps(); CG];
+        for (c, scale) in scale.iter_mut().enumerate() {
+            *scale = _mm512_cvtph_ps(_mm256_loadu_si256(
+                scales.add((c * blocks + b) * LANES) as *const __m256i
+            ));
+        }
+        for (row, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+            let x_scale = _mm512_set1_ps(*a.scales.get_unchecked((r + row) * blocks + b));
+            for c in 0..CG {
+                let product = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(sums[c]),
+                    _mm512_mul_ps(scale[c], x_scale),
+                );
+                acc[c] = _mm512_add_ps(acc[c], product);
+            }
         }
     }
-    dot_rows_portable(x, rows, k, q, d, bias, out, stride)
+    for (row, acc) in acc.iter().enumerate() {
+        for (c, acc) in acc.iter().enumerate() {
+            let mut lanes = [0.0f32; LANES];
+            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+            let first = (group + c) * LANES;
+            for (lane, value) in lanes.iter().enumerate() {
+                let column = first + lane;
+                if column >= start && column < end {
+                    tile[(r + row) * width + column - start] = value + bias[column - start];
+                }
+            }
+        }
+    }
+    RG
+}
+
+fn tile_dispatch(
+    m: &Q8Matrix,
+    a: &QuantizedRows,
+    start: usize,
+    end: usize,
+    bias: &[f32],
+    tile: &mut [f32],
+    width: usize,
+) {
+    debug_assert_eq!(end - start, bias.len());
+    #[cfg(target_arch = "x86_64")]
+    {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let vnni = *VNNI.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512vnni")
+        });
+        if vnni && start % LANES == 0 {
+            // SAFETY: the CPU has the features this function is compiled for.
+            return unsafe { tile_avx512(m, a, start, bias, tile, width) };
+        }
+    }
+    tile_portable(m, a, start, bias, tile, width)
 }
 
 /// `x · Wᵀ + b` with `W` in q8_0, as a candle op on `(x, b)`.
@@ -252,17 +388,28 @@ pub(crate) fn q8_linear(x: &Tensor, w: &Q8Matrix, bias: &Tensor) -> candle_core:
 mod tests {
     use super::*;
 
+    fn values(seed: &mut u32, count: usize) -> Vec<f32> {
+        (0..count)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
     #[test]
-    fn kernel_matches_dequantized_reference() {
+    fn kernel_matches_quantized_reference_and_portable_bits() {
         let mut seed = 7u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
-        for (rows, n, k) in [(1, 4, 32), (3, 70, 96), (9, 131, 64)] {
-            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
-            let bias: Vec<f32> = (0..n).map(|_| next()).collect();
+        for (rows, n, k) in [
+            (1, 4, 32),
+            (3, 70, 96),
+            (9, 131, 64),
+            (5, 64, 768),
+            (2, 17, 32),
+        ] {
+            let w = values(&mut seed, n * k);
+            let x = values(&mut seed, rows * k);
+            let bias = values(&mut seed, n);
             let q = Q8Matrix::quantize(&w, n, k);
             let dq = q.dequantize();
             for (a, b) in dq.iter().zip(&w) {
@@ -271,20 +418,43 @@ mod tests {
                     "rounding within half a step"
                 );
             }
+            let activations = QuantizedRows::new(&x, rows, k);
+            let dx: Vec<f32> = (0..rows * k)
+                .map(|i| {
+                    let byte = activations.quads[i / QUAD].to_le_bytes()[i % QUAD] as i8;
+                    f32::from(byte) * activations.scales[i / BLOCK]
+                })
+                .collect();
+            for (a, b) in dx.iter().zip(&x) {
+                assert!(
+                    (a - b).abs() <= 0.5 / 127.0 * 0.5 + 1e-6,
+                    "activation rounding"
+                );
+            }
             let y = q.matmul(&x, rows, &bias);
             let mut portable = vec![0.0f32; rows * n];
-            dot_rows_portable(&x, rows, k, &q.quants, &q.scales, &bias, &mut portable, n);
+            tile_portable(&q, &activations, 0, &bias, &mut portable, n);
             for r in 0..rows {
                 for j in 0..n {
                     let reference: f32 =
-                        (0..k).map(|i| x[r * k + i] * dq[j * k + i]).sum::<f32>() + bias[j];
-                    assert!(
-                        (y[r * n + j] - reference).abs() < 1e-4,
-                        "({rows},{n},{k}) [{r},{j}]"
+                        (0..k).map(|i| dx[r * k + i] * dq[j * k + i]).sum::<f32>() + bias[j];
+                    let got = y[r * n + j];
+                    assert!((got - reference).abs() < 1e-4, "({rows},{n},{k}) [{r},{j}]");
+                    assert_eq!(
+                        got.to_bits(),
+                        portable[r * n + j].to_bits(),
+                        "portable differs"
                     );
-                    assert!((portable[r * n + j] - reference).abs() < 1e-4);
                 }
             }
         }
+    }
+
+    #[test]
+    fn zero_blocks_stay_zero() {
+        let (n, k) = (3, 64);
+        let q = Q8Matrix::quantize(&vec![0.0; n * k], n, k);
+        let y = q.matmul(&vec![0.0; 2 * k], 2, &[1.0, 2.0, 3.0]);
+        assert_eq!(y, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
     }
 }
