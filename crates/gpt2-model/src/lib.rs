@@ -20,6 +20,7 @@
 //! # let _ = logits;
 //! ```
 
+mod activation;
 mod cache;
 mod config;
 mod demo;

@@ -426,7 +426,7 @@ impl Mlp {
 
     fn activate(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
         Ok(match self.activation {
-            Activation::GeluTanh => hidden.gelu()?,
+            Activation::GeluTanh => crate::activation::gelu_tanh(&hidden)?,
             Activation::GeluErf => hidden.gelu_erf()?,
             Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
             Activation::Relu => hidden.relu()?,
