@@ -10,12 +10,15 @@ use rayon::prelude::*;
 /// Elements per parallel task, for prefill-sized inputs.
 const TASK_ELEMENTS: usize = 1 << 16;
 
-/// `e^x` for `x` in `[0, 88]` (Cephes `expf`: range reduction by `ln 2`, degree-6 polynomial).
+/// `e^x` within an ulp or two (Cephes `expf`: range reduction by `ln 2`, degree-6 polynomial),
+/// branch-free so that it vectorizes. Inputs are clamped to `[−87, 88]`, where `e^x` is a normal
+/// float: below, the result is `e^−87` rather than a subnormal or 0.
 #[inline(always)]
-fn exp_non_negative(x: f32) -> f32 {
+pub(crate) fn exp(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
     const LN2_HIGH: f32 = 0.693_359_4;
     const LN2_LOW: f32 = -2.121_944_4e-4;
+    let x = x.clamp(-87.0, 88.0);
     let n = (x * LOG2_E).round();
     let r = x - n * LN2_HIGH - n * LN2_LOW;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
@@ -38,7 +41,7 @@ fn tanh(x: f32) -> f32 {
             * x
             + x;
     // Clamping keeps e^{2|x|} finite; 2/(e^88 + 1) is already far below one ulp of 1.
-    let large = 1.0 - 2.0 / (exp_non_negative(2.0 * z.min(44.0)) + 1.0);
+    let large = 1.0 - 2.0 / (exp(2.0 * z.min(44.0)) + 1.0);
     if z < 0.625 {
         small
     } else {
@@ -133,6 +136,20 @@ mod tests {
         (0.5 * x
             * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x.powi(3))).tanh()))
             as f32
+    }
+
+    #[test]
+    fn exp_is_within_two_ulps() {
+        for i in -8_700..=8_800 {
+            let x = i as f32 * 0.01;
+            let want = f64::from(x).exp();
+            let got = f64::from(exp(x));
+            assert!(
+                (got - want).abs() <= 2.0 * f64::from(f32::EPSILON) * want,
+                "exp({x})"
+            );
+        }
+        assert_eq!(exp(f32::NEG_INFINITY), exp(-87.0));
     }
 
     #[test]

@@ -321,45 +321,131 @@ impl Attention {
                 let base = cache.offset(b, h, 0);
                 let keys = &entry.k[base..base + positions * d];
                 let values = &entry.v[base..base + positions * d];
-                let mut scores: Vec<f32> = keys
-                    .chunks_exact(d)
-                    .map(|key| dot(q, key) * scale)
-                    .collect();
-                let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let mut total = 0.0f32;
-                for score in &mut scores {
-                    *score = (*score - max).exp();
-                    total += *score;
-                }
-                for (score, value) in scores.iter().zip(values.chunks_exact(d)) {
-                    let weight = score / total;
-                    for (o, v) in head_out.iter_mut().zip(value) {
-                        *o += weight * v;
-                    }
-                }
+                attend(q, keys, values, scale, head_out);
             });
         out
     }
 }
 
+/// One head of one query over its cached keys and values, adding the result to `out`.
+fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: the CPU has the feature this function is compiled for.
+        return unsafe { attend_avx512(q, keys, values, scale, out) };
+    }
+    attend_body(q, keys, values, scale, out)
+}
+
+/// [`attend_body`] with AVX-512 intrinsics for head sizes that are whole vectors (GPT-2's 64):
+/// the query and the output stay in registers, and four keys are scored at a time so that their
+/// dependent adds overlap. Fused multiply-adds make it differ from the portable path in the last
+/// bits, the same for every row of a batch.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    const MAX_VECTORS: usize = 8;
+    let d = q.len();
+    let vectors = d / 16;
+    if d % 16 != 0 || vectors > MAX_VECTORS {
+        return attend_body(q, keys, values, scale, out);
+    }
+    let positions = keys.len() / d;
+    let mut query = [_mm512_setzero_ps(); MAX_VECTORS];
+    for (c, v) in query.iter_mut().take(vectors).enumerate() {
+        *v = _mm512_loadu_ps(q.as_ptr().add(c * 16));
+    }
+    let key = |p: usize, c: usize| _mm512_loadu_ps(keys.as_ptr().add(p * d + c * 16));
+    let mut scores = vec![0.0f32; positions];
+    let mut p = 0;
+    while p + 4 <= positions {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        for (c, q) in query.iter().take(vectors).enumerate() {
+            for (i, acc) in acc.iter_mut().enumerate() {
+                *acc = _mm512_fmadd_ps(*q, key(p + i, c), *acc);
+            }
+        }
+        for (i, acc) in acc.iter().enumerate() {
+            scores[p + i] = _mm512_reduce_add_ps(*acc) * scale;
+        }
+        p += 4;
+    }
+    for (p, score) in scores.iter_mut().enumerate().skip(p) {
+        let mut acc = _mm512_setzero_ps();
+        for (c, q) in query.iter().take(vectors).enumerate() {
+            acc = _mm512_fmadd_ps(*q, key(p, c), acc);
+        }
+        *score = _mm512_reduce_add_ps(acc) * scale;
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f32;
+    for score in &mut scores {
+        *score = crate::activation::exp(*score - max);
+        total += *score;
+    }
+    let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
+    for (c, acc) in acc.iter_mut().take(vectors).enumerate() {
+        *acc = _mm512_loadu_ps(out.as_ptr().add(c * 16));
+    }
+    for (p, score) in scores.iter().enumerate() {
+        let weight = _mm512_set1_ps(score / total);
+        for (c, acc) in acc.iter_mut().take(vectors).enumerate() {
+            *acc = _mm512_fmadd_ps(
+                weight,
+                _mm512_loadu_ps(values.as_ptr().add(p * d + c * 16)),
+                *acc,
+            );
+        }
+    }
+    for (c, acc) in acc.iter().take(vectors).enumerate() {
+        _mm512_storeu_ps(out.as_mut_ptr().add(c * 16), *acc);
+    }
+}
+
+#[inline(always)]
+fn attend_body(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+    let d = q.len();
+    // Plain loops rather than iterator adapters: those are separate functions that LLVM may not
+    // inline, and then they run without the caller's vector width.
+    let mut scores = vec![0.0f32; keys.len() / d];
+    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
+        *score = dot(q, key) * scale;
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0f32;
+    for score in &mut scores {
+        *score = crate::activation::exp(*score - max);
+        total += *score;
+    }
+    for (score, value) in scores.iter().zip(values.chunks_exact(d)) {
+        let weight = score / total;
+        for (o, v) in out.iter_mut().zip(value) {
+            *o += weight * v;
+        }
+    }
+}
+
 /// `x · y` over lane-wise partial sums, which LLVM vectorises without reassociating floats.
-#[inline]
+#[inline(always)]
 fn dot(x: &[f32], y: &[f32]) -> f32 {
     const LANES: usize = 8;
     let mut acc = [0.0f32; LANES];
     let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
-    let tail: f32 = xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .map(|(a, b)| a * b)
-        .sum();
+    let mut tail = 0.0f32;
+    for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
+        tail += a * b;
+    }
     for (xs, ys) in xc.zip(yc) {
         for l in 0..LANES {
             acc[l] += xs[l] * ys[l];
         }
     }
-    acc.iter().sum::<f32>() + tail
+    let mut sum = 0.0f32;
+    for a in acc {
+        sum += a;
+    }
+    sum + tail
 }
 
 /// The first `positions` keys and values of a layer as `(batch, n_head, positions, head_dim)`.

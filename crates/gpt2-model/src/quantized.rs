@@ -143,19 +143,28 @@ impl QuantizedRows {
         let mut quads = Vec::with_capacity(rows * k / QUAD);
         let mut scales = Vec::with_capacity(blocks);
         let mut corrections = Vec::with_capacity(blocks);
-        for values in x[..rows * k].chunks(BLOCK) {
-            let max = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for values in x[..rows * k].chunks_exact(BLOCK) {
+            // Lane-wise maxima and a fixed-size block, so that LLVM vectorizes each step; max is
+            // exact, so the order does not change the scale.
+            let mut lane_max = [0.0f32; LANES];
+            for (i, v) in values.iter().enumerate() {
+                lane_max[i % LANES] = lane_max[i % LANES].max(v.abs());
+            }
+            let max = lane_max.iter().fold(0.0f32, |m, v| m.max(*v));
             let scale = max / 127.0;
             let inverse = if scale == 0.0 { 0.0 } else { 1.0 / scale };
-            let mut sum = 0i32;
-            for four in values.chunks(QUAD) {
-                let mut bytes = [0u8; QUAD];
-                for (byte, v) in bytes.iter_mut().zip(four) {
-                    let q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
-                    sum += i32::from(q);
-                    *byte = q as u8;
-                }
-                quads.push(i32::from_le_bytes(bytes));
+            let mut block = [0i8; BLOCK];
+            for (q, v) in block.iter_mut().zip(values) {
+                *q = (v * inverse).round().clamp(-127.0, 127.0) as i8;
+            }
+            let sum: i32 = block.iter().map(|&q| i32::from(q)).sum();
+            for four in block.chunks_exact(QUAD) {
+                quads.push(i32::from_le_bytes([
+                    four[0] as u8,
+                    four[1] as u8,
+                    four[2] as u8,
+                    four[3] as u8,
+                ]));
             }
             scales.push(scale);
             corrections.push(-OFFSET * sum);
