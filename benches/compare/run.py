@@ -146,7 +146,7 @@ def bench_hf(args, shape: str) -> dict:
 def bench_ours(args, shape: str, request_file: Path) -> dict:
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     cmd = [args.gpt2_bin, "bench", "--model", args.model_dir, "--request", request_file,
-           "--runs", args.runs, "--warmup", "1", "--dtype", args.dtype]
+           "--runs", args.runs, "--warmup", "1", "--dtype", args.dtype, "--kv-dtype", args.kv_dtype]
     proc = run_checked(cmd, env=env)
     return summarize(last_json_line(proc.stdout, f"gpt2 bench ({shape})"))
 
@@ -202,7 +202,7 @@ class Server:
         self.cond = threading.Condition()
         cmd = [str(args.server_bin), "--model", str(args.model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--queue-capacity", "512", "--deadline-secs", "3600",
-               "--log-format", "json", "--dtype", args.dtype]
+               "--log-format", "json", "--dtype", args.dtype, "--kv-dtype", args.kv_dtype]
         self.cmd = " ".join(cmd)
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
         env.pop("RUST_LOG", None)  # the invocation lines are logged at info
@@ -549,7 +549,7 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
         f"| versions | gpt2-rs `{m['git_commit']}`, {m['rustc']}, transformers {m['transformers']}, "
         f"torch {m['torch']}, Python {m['python']} |",
         f"| model | {m['model']}, float32 |",
-        f"| gpt2-rs weights | `--dtype {args.dtype}` (HF runs float32) |",
+        f"| gpt2-rs storage | `--dtype {args.dtype} --kv-dtype {args.kv_dtype}` (HF runs float32) |",
         f"| threads | {m['threads']} per engine (`RAYON_NUM_THREADS` for ours, "
         "`torch.set_num_threads` for HF) |",
         f"| runs | {args.runs} timed runs per shape after 1 warm-up, median reported |",
@@ -640,6 +640,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
     ap.add_argument("--dtype", default="f32", choices=["f32", "q8_0"],
                     help="weight format of gpt2-rs (HF always runs f32)")
+    ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"],
+                    help="KV cache format of gpt2-rs")
     ap.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "performance.md",
                     help="markdown report; the .png and .json go next to it with the same stem")
     args = ap.parse_args(argv)

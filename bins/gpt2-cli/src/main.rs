@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use gpt2_engine::{EngineError, GenerationRequest, ModelSource, Pipeline, WeightFormat};
+use gpt2_engine::{EngineError, GenerationRequest, KvFormat, ModelSource, Pipeline, WeightFormat};
 use gpt2_tokenizer::Gpt2Tokenizer;
 use serde_json::{Map, Value};
 
@@ -64,12 +64,26 @@ struct BenchArgs {
     /// Untimed runs first.
     #[arg(long, default_value_t = 1)]
     warmup: u64,
+    #[command(flatten)]
+    storage: StorageArgs,
+}
+
+/// How the model stores its weights and caches.
+#[derive(Args, Clone, Copy)]
+struct StorageArgs {
     /// Weight storage: f32 (exact) or q8_0 (8-bit, faster, small logit drift).
     #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
     dtype: WeightFormat,
+    /// KV cache storage: f32 (exact) or f16 (half the cache memory, small logit drift).
+    #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
+    kv_dtype: KvFormat,
 }
 
 fn parse_weight_format(value: &str) -> Result<WeightFormat, String> {
+    value.parse()
+}
+
+fn parse_kv_format(value: &str) -> Result<KvFormat, String> {
     value.parse()
 }
 
@@ -85,9 +99,8 @@ struct GenerateArgs {
     /// Print the JSON array the HTTP service would answer instead of readable text.
     #[arg(long)]
     json: bool,
-    /// Weight storage: f32 (exact) or q8_0 (8-bit, faster, small logit drift).
-    #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
-    dtype: WeightFormat,
+    #[command(flatten)]
+    storage: StorageArgs,
     /// The prompt.
     #[arg(long)]
     input: Option<String>,
@@ -274,7 +287,7 @@ fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
 /// Validates the request (which needs no model, so a bad one fails fast), then loads the model.
 fn prepare(
     model: Option<&std::path::Path>,
-    dtype: WeightFormat,
+    storage: StorageArgs,
     object: &Map<String, Value>,
 ) -> Result<(Pipeline, GenerationRequest), Failure> {
     if let Some(dir) = model {
@@ -295,14 +308,16 @@ fn prepare(
         );
     }
     Ok((
-        Pipeline::from_source(&source)?.with_weight_format(dtype)?,
+        Pipeline::from_source(&source)?
+            .with_weight_format(storage.dtype)?
+            .with_kv_format(storage.kv_dtype),
         request,
     ))
 }
 
 fn time_request(args: BenchArgs) -> Result<String, Failure> {
     let object = read_request_file(&args.request)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), args.dtype, &object)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), args.storage, &object)?;
     for _ in 0..args.warmup {
         pipeline.run(&request, || false)?;
     }
@@ -329,7 +344,7 @@ fn time_request(args: BenchArgs) -> Result<String, Failure> {
 
 fn generate(args: GenerateArgs) -> Result<String, Failure> {
     let object = request_object(&args)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), args.dtype, &object)?;
+    let (pipeline, request) = prepare(args.model.as_deref(), args.storage, &object)?;
     let texts = pipeline.generate(&request)?;
     if args.json || args.request.is_some() {
         return Ok(format!("{}\n", Value::from(texts)));

@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gpt2_engine::{EngineConfig, Limits, WeightFormat};
+use gpt2_engine::{EngineConfig, KvFormat, Limits, WeightFormat};
 
 /// Environment variable SageMaker sets to the port a container must listen on.
 pub const SAGEMAKER_PORT_ENV: &str = "SAGEMAKER_BIND_TO_PORT";
@@ -55,12 +55,20 @@ pub struct ServerArgs {
     /// logit drift).
     #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
     pub dtype: WeightFormat,
+    /// How the KV caches store keys and values: f32 (exact) or f16 (half the cache memory, small
+    /// logit drift).
+    #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
+    pub kv_dtype: KvFormat,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
 fn parse_weight_format(value: &str) -> Result<WeightFormat, String> {
+    value.parse()
+}
+
+fn parse_kv_format(value: &str) -> Result<KvFormat, String> {
     value.parse()
 }
 

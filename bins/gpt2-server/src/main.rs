@@ -51,10 +51,12 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     let pipeline = pipeline
         .with_weight_format(args.dtype)
         .map_err(|e| format!("cannot convert the weights to {:?}: {e}", args.dtype))?
+        .with_kv_format(args.kv_dtype)
         .with_limits(args.limits());
     info!(
         model = ?pipeline.source(),
         dtype = ?args.dtype,
+        kv_dtype = ?args.kv_dtype,
         load_ms = loading.elapsed().as_millis() as u64,
         "model loaded"
     );

@@ -25,7 +25,7 @@ mod run;
 mod worker;
 
 pub use gpt2_generation::{GenerationParams, Strategy};
-pub use gpt2_model::{return_freed_memory_to_os, WeightFormat};
+pub use gpt2_model::{return_freed_memory_to_os, KvFormat, WeightFormat};
 pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
 pub use pipeline::{GenerationOutput, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
 pub use run::{generate_ids, Decoding};

@@ -2,7 +2,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use gpt2_generation::GenerationParams;
-use gpt2_model::{Gpt2Model, WeightFormat};
+use gpt2_model::{Gpt2Model, KvFormat, WeightFormat};
 use gpt2_schema::{GenerationRequest, Limits, RequestError};
 use gpt2_tokenizer::Gpt2Tokenizer;
 
@@ -86,6 +86,13 @@ impl Pipeline {
     pub fn with_weight_format(mut self, format: WeightFormat) -> Result<Self, EngineError> {
         self.model = self.model.with_weight_format(format)?;
         Ok(self)
+    }
+
+    /// Stores the keys and values of new caches as `format` (f16 halves the KV memory of every
+    /// running sequence, at a small logit drift: see docs/performance.md).
+    pub fn with_kv_format(mut self, format: KvFormat) -> Self {
+        self.model = self.model.with_kv_format(format);
+        self
     }
 
     /// Replaces the per-request limits.

@@ -1,4 +1,31 @@
+use half::f16;
+
 use crate::ModelError;
+
+/// How a [`KvCache`] stores keys and values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvFormat {
+    /// 32-bit floats: exact.
+    #[default]
+    F32,
+    /// 16-bit floats (IEEE half): half the memory and half the bytes the attention reads per
+    /// step, at a rounding of about 3 decimal digits on every cached key and value.
+    F16,
+}
+
+impl std::str::FromStr for KvFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "f16" => Ok(Self::F16),
+            other => Err(format!(
+                "unknown KV cache format {other:?} (expected f32 or f16)"
+            )),
+        }
+    }
+}
 
 /// Keys and values of every layer for a batch of sequences that share one length.
 ///
@@ -16,26 +43,122 @@ pub struct KvCache {
     pub(crate) capacity: usize,
     pub(crate) n_head: usize,
     pub(crate) head_dim: usize,
+    format: KvFormat,
     /// Reused staging area of [`KvCache::reorder`].
-    spare: Vec<f32>,
+    spare: KvBuffer,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(crate) struct LayerCache {
-    pub(crate) k: Vec<f32>,
-    pub(crate) v: Vec<f32>,
+    pub(crate) k: KvBuffer,
+    pub(crate) v: KvBuffer,
+}
+
+/// One flat buffer of keys or values, in the cache's format.
+#[derive(Debug, Clone)]
+pub(crate) enum KvBuffer {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+/// A cached value type: f32 or f16, read back as f32.
+pub(crate) trait KvElement: Copy + Default + Send + Sync {
+    fn from_f32(value: f32) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+impl KvElement for f32 {
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        value
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+}
+
+impl KvElement for f16 {
+    #[inline(always)]
+    fn from_f32(value: f32) -> Self {
+        f16::from_f32(value)
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+}
+
+/// Applies `$body` to the buffer's vector, whatever its element type.
+macro_rules! with_buffer {
+    ($buffer:expr, $values:ident => $body:expr) => {
+        match $buffer {
+            KvBuffer::F32($values) => $body,
+            KvBuffer::F16($values) => $body,
+        }
+    };
+}
+
+impl KvBuffer {
+    fn empty(format: KvFormat) -> Self {
+        match format {
+            KvFormat::F32 => Self::F32(Vec::new()),
+            KvFormat::F16 => Self::F16(Vec::new()),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        with_buffer!(self, values => values.len())
+    }
+
+    fn bytes(&self) -> usize {
+        with_buffer!(self, values => values.capacity() * element_size(values))
+    }
+
+    fn resize(&mut self, len: usize) {
+        with_buffer!(self, values => values.resize(len, Default::default()))
+    }
+
+    /// Stores `source` (f32) at `at`, rounding to the buffer's format.
+    pub(crate) fn write(&mut self, at: usize, source: &[f32]) {
+        with_buffer!(self, values => {
+            for (to, from) in values[at..at + source.len()].iter_mut().zip(source) {
+                *to = KvElement::from_f32(*from);
+            }
+        })
+    }
+
+    /// Appends `len` values from `at`, as f32, to `out`.
+    pub(crate) fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
+        with_buffer!(self, values => out.extend(values[at..at + len].iter().map(|v| v.to_f32())))
+    }
+}
+
+fn element_size<T>(_: &[T]) -> usize {
+    std::mem::size_of::<T>()
 }
 
 impl KvCache {
-    pub(crate) fn new(n_layer: usize, n_head: usize, head_dim: usize, capacity: usize) -> Self {
+    pub(crate) fn new(
+        n_layer: usize,
+        n_head: usize,
+        head_dim: usize,
+        capacity: usize,
+        format: KvFormat,
+    ) -> Self {
+        let layer = LayerCache {
+            k: KvBuffer::empty(format),
+            v: KvBuffer::empty(format),
+        };
         Self {
-            layers: vec![LayerCache::default(); n_layer],
+            layers: vec![layer; n_layer],
             seq_len: 0,
             rows: 0,
             capacity,
             n_head,
             head_dim,
-            spare: Vec::new(),
+            format,
+            spare: KvBuffer::empty(format),
         }
     }
 
@@ -54,7 +177,12 @@ impl KvCache {
         self.capacity
     }
 
-    /// Floats per row per layer and per buffer.
+    /// How keys and values are stored.
+    pub fn format(&self) -> KvFormat {
+        self.format
+    }
+
+    /// Values per row per layer and per buffer.
     fn row_len(&self) -> usize {
         self.n_head * self.capacity * self.head_dim
     }
@@ -71,17 +199,20 @@ impl KvCache {
             let new_capacity = positions.max(self.capacity * 2);
             let (old_capacity, used) = (self.capacity, self.seq_len);
             let (n_head, head_dim) = (self.n_head, self.head_dim);
+            let blocks = self.rows * n_head;
+            let new_len = self.rows.max(rows) * n_head * new_capacity * head_dim;
             for layer in &mut self.layers {
                 for buffer in [&mut layer.k, &mut layer.v] {
-                    let mut grown =
-                        vec![0.0f32; self.rows.max(rows) * n_head * new_capacity * head_dim];
-                    for block in 0..self.rows * n_head {
-                        let from = block * old_capacity * head_dim;
-                        let to = block * new_capacity * head_dim;
-                        grown[to..to + used * head_dim]
-                            .copy_from_slice(&buffer[from..from + used * head_dim]);
-                    }
-                    *buffer = grown;
+                    with_buffer!(buffer, values => {
+                        let mut grown = vec![Default::default(); new_len];
+                        for block in 0..blocks {
+                            let from = block * old_capacity * head_dim;
+                            let to = block * new_capacity * head_dim;
+                            grown[to..to + used * head_dim]
+                                .copy_from_slice(&values[from..from + used * head_dim]);
+                        }
+                        *values = grown;
+                    });
                 }
             }
             self.capacity = new_capacity;
@@ -89,8 +220,8 @@ impl KvCache {
         let needed = rows * self.row_len();
         for layer in &mut self.layers {
             if layer.k.len() < needed {
-                layer.k.resize(needed, 0.0);
-                layer.v.resize(needed, 0.0);
+                layer.k.resize(needed);
+                layer.v.resize(needed);
             }
         }
         self.rows = rows;
@@ -124,37 +255,23 @@ impl KvCache {
         let mut sources: Vec<usize> = moves.iter().map(|&(_, from)| from).collect();
         sources.sort_unstable();
         sources.dedup();
-        let row_len = self.row_len();
-        let used = self.seq_len * self.head_dim;
-        let block = self.capacity * self.head_dim;
-        let n_head = self.n_head;
-        let needed = rows.len() * row_len;
-        let mut staging = std::mem::take(&mut self.spare);
-        staging.resize(sources.len() * n_head * used, 0.0);
+        let plan = Reorder {
+            moves: &moves,
+            sources: &sources,
+            row_len: self.row_len(),
+            used: self.seq_len * self.head_dim,
+            block: self.capacity * self.head_dim,
+            n_head: self.n_head,
+            rows_after: rows.len(),
+            shrinks: rows.len() < self.rows,
+        };
+        let mut staging = std::mem::replace(&mut self.spare, KvBuffer::empty(self.format));
         for layer in &mut self.layers {
             for buffer in [&mut layer.k, &mut layer.v] {
-                if buffer.len() < needed {
-                    buffer.resize(needed, 0.0);
-                }
-                for (slot, &from) in sources.iter().enumerate() {
-                    for head in 0..n_head {
-                        let at = from * row_len + head * block;
-                        staging[(slot * n_head + head) * used..][..used]
-                            .copy_from_slice(&buffer[at..at + used]);
-                    }
-                }
-                for &(to, from) in &moves {
-                    let slot = sources.binary_search(&from).unwrap_or_default();
-                    for head in 0..n_head {
-                        let at = to * row_len + head * block;
-                        buffer[at..at + used]
-                            .copy_from_slice(&staging[(slot * n_head + head) * used..][..used]);
-                    }
-                }
-                if rows.len() < self.rows {
-                    // Sequences left: give their memory back.
-                    buffer.truncate(needed);
-                    buffer.shrink_to_fit();
+                match (buffer, &mut staging) {
+                    (KvBuffer::F32(values), KvBuffer::F32(staging)) => plan.apply(values, staging),
+                    (KvBuffer::F16(values), KvBuffer::F16(staging)) => plan.apply(values, staging),
+                    _ => unreachable!("a cache's buffers share its format"),
                 }
             }
         }
@@ -178,9 +295,54 @@ impl KvCache {
     pub fn allocated_bytes(&self) -> usize {
         self.layers
             .iter()
-            .map(|l| (l.k.capacity() + l.v.capacity()) * std::mem::size_of::<f32>())
+            .map(|l| l.k.bytes() + l.v.bytes())
             .sum::<usize>()
-            + self.spare.capacity() * std::mem::size_of::<f32>()
+            + self.spare.bytes()
+    }
+}
+
+/// What [`KvCache::reorder`] does to each buffer.
+struct Reorder<'a> {
+    /// `(to, from)` rows, for the rows that change.
+    moves: &'a [(usize, usize)],
+    /// The distinct `from` rows, sorted.
+    sources: &'a [usize],
+    row_len: usize,
+    used: usize,
+    block: usize,
+    n_head: usize,
+    rows_after: usize,
+    shrinks: bool,
+}
+
+impl Reorder<'_> {
+    fn apply<T: Copy + Default>(&self, buffer: &mut Vec<T>, staging: &mut Vec<T>) {
+        let (used, n_head) = (self.used, self.n_head);
+        let needed = self.rows_after * self.row_len;
+        staging.resize(self.sources.len() * n_head * used, T::default());
+        if buffer.len() < needed {
+            buffer.resize(needed, T::default());
+        }
+        for (slot, &from) in self.sources.iter().enumerate() {
+            for head in 0..n_head {
+                let at = from * self.row_len + head * self.block;
+                staging[(slot * n_head + head) * used..][..used]
+                    .copy_from_slice(&buffer[at..at + used]);
+            }
+        }
+        for &(to, from) in self.moves {
+            let slot = self.sources.partition_point(|&s| s < from);
+            for head in 0..n_head {
+                let at = to * self.row_len + head * self.block;
+                buffer[at..at + used]
+                    .copy_from_slice(&staging[(slot * n_head + head) * used..][..used]);
+            }
+        }
+        if self.shrinks {
+            // Sequences left: give their memory back.
+            buffer.truncate(needed);
+            buffer.shrink_to_fit();
+        }
     }
 }
 
@@ -188,25 +350,30 @@ impl KvCache {
 mod tests {
     use super::*;
 
-    /// A cache of `rows` rows whose every used value encodes (row, head, position, lane).
-    fn labelled(rows: usize, seq_len: usize) -> KvCache {
+    /// A cache of `rows` rows whose every used value encodes (layer, kind, row, head, position,
+    /// lane) as a small integer, exact in f16 too.
+    fn labelled(rows: usize, seq_len: usize, format: KvFormat) -> KvCache {
         let (n_head, head_dim) = (3, 4);
-        let mut cache = KvCache::new(2, n_head, head_dim, seq_len + 2);
+        let mut cache = KvCache::new(2, n_head, head_dim, seq_len + 2, format);
         cache.prepare(rows, seq_len);
         cache.seq_len = seq_len;
-        for (layer_index, layer) in cache.layers.iter_mut().enumerate() {
-            for (kind, buffer) in [&mut layer.k, &mut layer.v].into_iter().enumerate() {
-                for row in 0..rows {
-                    for head in 0..n_head {
-                        for position in 0..seq_len {
-                            for lane in 0..head_dim {
-                                let at = ((row * n_head + head) * (seq_len + 2) + position)
-                                    * head_dim
-                                    + lane;
-                                buffer[at] = label(layer_index, kind, row, head, position, lane);
-                            }
-                        }
-                    }
+        let offsets: Vec<(usize, usize, usize, usize)> = (0..rows)
+            .flat_map(|row| (0..n_head).map(move |head| (row, head)))
+            .flat_map(|(row, head)| (0..seq_len).map(move |p| (row, head, p)))
+            .flat_map(|(row, head, p)| (0..head_dim).map(move |lane| (row, head, p, lane)))
+            .collect();
+        for layer_index in 0..2 {
+            for kind in 0..2 {
+                for &(row, head, position, lane) in &offsets {
+                    let at = cache.offset(row, head, position) + lane;
+                    let value = label(layer_index, kind, row, head, position, lane);
+                    let layer = &mut cache.layers[layer_index];
+                    let buffer = if kind == 0 {
+                        &mut layer.k
+                    } else {
+                        &mut layer.v
+                    };
+                    buffer.write(at, &[value]);
                 }
             }
         }
@@ -214,7 +381,7 @@ mod tests {
     }
 
     fn label(layer: usize, kind: usize, row: usize, head: usize, pos: usize, lane: usize) -> f32 {
-        (((((layer * 2 + kind) * 10 + row) * 10 + head) * 10 + pos) * 10 + lane) as f32
+        (((((layer * 2 + kind) * 6 + row) * 3 + head) * 5 + pos) * 4 + lane) as f32
     }
 
     /// Checks that row `i` holds what row `origin[i]` was labelled with.
@@ -225,14 +392,16 @@ mod tests {
                 for (row, &from) in origin.iter().enumerate() {
                     for head in 0..cache.n_head {
                         for position in 0..cache.seq_len {
-                            for lane in 0..cache.head_dim {
-                                let at = cache.offset(row, head, position) + lane;
-                                assert_eq!(
-                                    buffer[at],
-                                    label(layer_index, kind, from, head, position, lane),
-                                    "row {row} should come from {from}"
-                                );
-                            }
+                            let mut got = Vec::new();
+                            buffer.read_into(
+                                cache.offset(row, head, position),
+                                cache.head_dim,
+                                &mut got,
+                            );
+                            let want: Vec<f32> = (0..cache.head_dim)
+                                .map(|lane| label(layer_index, kind, from, head, position, lane))
+                                .collect();
+                            assert_eq!(got, want, "row {row} should come from {from}");
                         }
                     }
                 }
@@ -242,23 +411,38 @@ mod tests {
 
     #[test]
     fn reorder_forks_permutes_and_drops_rows() {
-        let mut cache = labelled(1, 3);
-        cache.reorder(&[0, 0, 0, 0, 0]).unwrap();
-        assert_rows(&cache, &[0; 5]);
+        for format in [KvFormat::F32, KvFormat::F16] {
+            let mut cache = labelled(1, 3, format);
+            cache.reorder(&[0, 0, 0, 0, 0]).unwrap();
+            assert_rows(&cache, &[0; 5]);
 
-        let mut cache = labelled(5, 3);
-        cache.reorder(&[1, 0, 0, 4, 2]).unwrap();
-        assert_rows(&cache, &[1, 0, 0, 4, 2]);
-        // Then as beams do, step after step, with the composition tracked.
-        cache.reorder(&[4, 4, 1, 3, 0]).unwrap();
-        assert_rows(&cache, &[2, 2, 0, 4, 1]);
-        cache.reorder(&[0, 1, 2, 3, 4]).unwrap();
-        assert_rows(&cache, &[2, 2, 0, 4, 1]);
+            let mut cache = labelled(5, 3, format);
+            cache.reorder(&[1, 0, 0, 4, 2]).unwrap();
+            assert_rows(&cache, &[1, 0, 0, 4, 2]);
+            // Then as beams do, step after step, with the composition tracked.
+            cache.reorder(&[4, 4, 1, 3, 0]).unwrap();
+            assert_rows(&cache, &[2, 2, 0, 4, 1]);
+            cache.reorder(&[0, 1, 2, 3, 4]).unwrap();
+            assert_rows(&cache, &[2, 2, 0, 4, 1]);
 
-        let mut cache = labelled(5, 2);
-        cache.reorder(&[3, 1]).unwrap();
-        assert_rows(&cache, &[3, 1]);
-        assert_eq!(cache.layers[0].k.len(), 2 * cache.row_len());
-        assert!(cache.reorder(&[2]).is_err(), "row 2 no longer exists");
+            let mut cache = labelled(5, 2, format);
+            cache.reorder(&[3, 1]).unwrap();
+            assert_rows(&cache, &[3, 1]);
+            assert_eq!(cache.layers[0].k.len(), 2 * cache.row_len());
+            assert!(cache.reorder(&[2]).is_err(), "row 2 no longer exists");
+        }
+    }
+
+    #[test]
+    fn f16_caches_take_half_the_bytes_and_round_to_nearest() {
+        let f32_cache = labelled(2, 3, KvFormat::F32);
+        let f16_cache = labelled(2, 3, KvFormat::F16);
+        assert_eq!(f16_cache.allocated_bytes() * 2, f32_cache.allocated_bytes());
+        let mut buffer = KvBuffer::empty(KvFormat::F16);
+        buffer.resize(2);
+        buffer.write(0, &[0.1, 65504.0]);
+        let mut back = Vec::new();
+        buffer.read_into(0, 2, &mut back);
+        assert_eq!(back, vec![0.099975586, 65504.0]);
     }
 }

@@ -35,7 +35,7 @@ use std::path::Path;
 
 use candle_core::Device;
 
-pub use cache::KvCache;
+pub use cache::{KvCache, KvFormat};
 pub use config::{Activation, Gpt2Config};
 pub use demo::{demo_config, DEMO_CONFIG_SEED};
 pub use model::{Gpt2Model, LogitsFor, WeightFormat};

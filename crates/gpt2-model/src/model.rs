@@ -1,10 +1,11 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::cache::{KvBuffer, KvElement};
 use crate::kernels;
 use crate::quantized::{self, Q8Matrix};
 use crate::weights::NamedTensors;
-use crate::{Activation, Gpt2Config, KvCache, ModelError};
+use crate::{Activation, Gpt2Config, KvCache, KvFormat, ModelError};
 
 /// How the weights of the linear layers are stored and multiplied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -291,9 +292,12 @@ impl Attention {
                 for h in 0..self.n_head {
                     let at = cache.offset(b, h, past + t);
                     let entry = &mut cache.layers[layer];
-                    entry.k[at..at + d].copy_from_slice(&row[n_embd + h * d..n_embd + (h + 1) * d]);
-                    entry.v[at..at + d]
-                        .copy_from_slice(&row[2 * n_embd + h * d..2 * n_embd + (h + 1) * d]);
+                    entry
+                        .k
+                        .write(at, &row[n_embd + h * d..n_embd + (h + 1) * d]);
+                    entry
+                        .v
+                        .write(at, &row[2 * n_embd + h * d..2 * n_embd + (h + 1) * d]);
                 }
             }
         }
@@ -308,27 +312,55 @@ impl Attention {
         layer: usize,
     ) -> Vec<f32> {
         let n_embd = self.n_head * self.head_dim;
-        let (d, n_head, scale) = (self.head_dim, self.n_head, self.scale as f32);
+        let scale = self.scale as f32;
         let positions = cache.seq_len + 1;
-        let entry = &cache.layers[layer];
         let mut out = vec![0.0f32; batch * n_embd];
-        out.par_chunks_mut(d)
-            .with_min_len(4)
-            .enumerate()
-            .for_each(|(task, head_out)| {
-                let (b, h) = (task / n_head, task % n_head);
-                let q = &qkv[b * 3 * n_embd + h * d..b * 3 * n_embd + (h + 1) * d];
-                let base = cache.offset(b, h, 0);
-                let keys = &entry.k[base..base + positions * d];
-                let values = &entry.v[base..base + positions * d];
-                attend(q, keys, values, scale, head_out);
-            });
+        let entry = &cache.layers[layer];
+        match (&entry.k, &entry.v) {
+            (KvBuffer::F32(k), KvBuffer::F32(v)) => {
+                attend_rows(qkv, cache, k, v, n_embd, scale, positions, &mut out)
+            }
+            (KvBuffer::F16(k), KvBuffer::F16(v)) => {
+                attend_rows(qkv, cache, k, v, n_embd, scale, positions, &mut out)
+            }
+            _ => unreachable!("a cache's buffers share its format"),
+        }
         out
     }
 }
 
+/// Every (row, head) of a decode step, in parallel: `out` is `(rows, n_embd)`.
+#[allow(clippy::too_many_arguments)]
+fn attend_rows<T: KvElement>(
+    qkv: &[f32],
+    cache: &KvCache,
+    keys: &[T],
+    values: &[T],
+    n_embd: usize,
+    scale: f32,
+    positions: usize,
+    out: &mut [f32],
+) {
+    let (d, n_head) = (cache.head_dim, cache.n_head);
+    out.par_chunks_mut(d)
+        .with_min_len(4)
+        .enumerate()
+        .for_each(|(task, head_out)| {
+            let (b, h) = (task / n_head, task % n_head);
+            let q = &qkv[b * 3 * n_embd + h * d..b * 3 * n_embd + (h + 1) * d];
+            let base = cache.offset(b, h, 0);
+            attend(
+                q,
+                &keys[base..base + positions * d],
+                &values[base..base + positions * d],
+                scale,
+                head_out,
+            );
+        });
+}
+
 /// One head of one query over its cached keys and values, adding the result to `out`.
-fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+fn attend<T: KvElement>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx512f") {
         // SAFETY: the CPU has the feature this function is compiled for.
@@ -343,7 +375,13 @@ fn attend(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) 
 /// bits, the same for every row of a batch.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+unsafe fn attend_avx512<T: KvElement>(
+    q: &[f32],
+    keys: &[T],
+    values: &[T],
+    scale: f32,
+    out: &mut [f32],
+) {
     use std::arch::x86_64::*;
     const MAX_VECTORS: usize = 8;
     let d = q.len();
@@ -356,7 +394,15 @@ unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out
     for (c, v) in query.iter_mut().take(vectors).enumerate() {
         *v = _mm512_loadu_ps(q.as_ptr().add(c * 16));
     }
-    let key = |p: usize, c: usize| _mm512_loadu_ps(keys.as_ptr().add(p * d + c * 16));
+    // Sixteen cached values as f32: a plain load, or a conversion from f16.
+    let load = |from: &[T], at: usize| {
+        if std::mem::size_of::<T>() == 2 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(from.as_ptr().add(at) as *const __m256i))
+        } else {
+            _mm512_loadu_ps(from.as_ptr().add(at) as *const f32)
+        }
+    };
+    let key = |p: usize, c: usize| load(keys, p * d + c * 16);
     let mut scores = vec![0.0f32; positions];
     let mut p = 0;
     while p + 4 <= positions {
@@ -391,11 +437,7 @@ unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out
     for (p, score) in scores.iter().enumerate() {
         let weight = _mm512_set1_ps(score / total);
         for (c, acc) in acc.iter_mut().take(vectors).enumerate() {
-            *acc = _mm512_fmadd_ps(
-                weight,
-                _mm512_loadu_ps(values.as_ptr().add(p * d + c * 16)),
-                *acc,
-            );
+            *acc = _mm512_fmadd_ps(weight, load(values, p * d + c * 16), *acc);
         }
     }
     for (c, acc) in acc.iter().take(vectors).enumerate() {
@@ -404,7 +446,7 @@ unsafe fn attend_avx512(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out
 }
 
 #[inline(always)]
-fn attend_body(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f32]) {
+fn attend_body<T: KvElement>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
     let d = q.len();
     // Plain loops rather than iterator adapters: those are separate functions that LLVM may not
     // inline, and then they run without the caller's vector width.
@@ -421,24 +463,24 @@ fn attend_body(q: &[f32], keys: &[f32], values: &[f32], scale: f32, out: &mut [f
     for (score, value) in scores.iter().zip(values.chunks_exact(d)) {
         let weight = score / total;
         for (o, v) in out.iter_mut().zip(value) {
-            *o += weight * v;
+            *o += weight * v.to_f32();
         }
     }
 }
 
 /// `x · y` over lane-wise partial sums, which LLVM vectorises without reassociating floats.
 #[inline(always)]
-fn dot(x: &[f32], y: &[f32]) -> f32 {
+fn dot<T: KvElement>(x: &[f32], y: &[T]) -> f32 {
     const LANES: usize = 8;
     let mut acc = [0.0f32; LANES];
     let (xc, yc) = (x.chunks_exact(LANES), y.chunks_exact(LANES));
     let mut tail = 0.0f32;
     for (a, b) in xc.remainder().iter().zip(yc.remainder()) {
-        tail += a * b;
+        tail += a * b.to_f32();
     }
     for (xs, ys) in xc.zip(yc) {
         for l in 0..LANES {
-            acc[l] += xs[l] * ys[l];
+            acc[l] += xs[l] * ys[l].to_f32();
         }
     }
     let mut sum = 0.0f32;
@@ -457,12 +499,11 @@ fn cached_keys_and_values(
     device: &Device,
 ) -> candle_core::Result<(Tensor, Tensor)> {
     let d = cache.head_dim;
-    let gather = |buffer: &[f32]| {
+    let gather = |buffer: &KvBuffer| {
         let mut data = Vec::with_capacity(batch * cache.n_head * positions * d);
         for b in 0..batch {
             for h in 0..cache.n_head {
-                let at = cache.offset(b, h, 0);
-                data.extend_from_slice(&buffer[at..at + positions * d]);
+                buffer.read_into(cache.offset(b, h, 0), positions * d, &mut data);
             }
         }
         Tensor::from_vec(data, (batch, cache.n_head, positions, d), device)
@@ -583,6 +624,7 @@ pub struct Gpt2Model {
     /// and the weights are f32.
     lm_head: Conv1D,
     weight_format: WeightFormat,
+    kv_format: KvFormat,
     device: Device,
 }
 
@@ -621,6 +663,7 @@ impl Gpt2Model {
                 bias: lm_head_bias,
             },
             weight_format: WeightFormat::F32,
+            kv_format: KvFormat::F32,
             device: device.clone(),
         })
     }
@@ -644,6 +687,18 @@ impl Gpt2Model {
         }
         self.weight_format = format;
         Ok(self)
+    }
+
+    /// Makes [`Self::new_cache`] and [`Self::new_cache_with_capacity`] store keys and values
+    /// as `format`. f16 halves the caches' memory; every cached value is rounded to f16.
+    pub fn with_kv_format(mut self, format: KvFormat) -> Self {
+        self.kv_format = format;
+        self
+    }
+
+    /// How new caches store keys and values.
+    pub fn kv_format(&self) -> KvFormat {
+        self.kv_format
     }
 
     /// How the linear layers' weights are stored.
@@ -675,6 +730,7 @@ impl Gpt2Model {
             c.n_head,
             c.head_dim(),
             positions.clamp(1, c.n_positions),
+            self.kv_format,
         )
     }
 

@@ -1,0 +1,93 @@
+//! f16 KV caches: decode-step logits drift little from f32 caches, and a row's logits still do
+//! not depend on what shares its decode step.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use gpt2_model::{Gpt2Model, KvFormat, LogitsFor};
+
+fn load(name: &str) -> Gpt2Model {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../fixtures/models")
+        .join(name);
+    Gpt2Model::load(dir, &Device::Cpu).unwrap()
+}
+
+/// Logits of the prompt's last position, then of each decode step that feeds `continuation`.
+fn decode(model: &Gpt2Model, prompt: &[u32], continuation: &[u32]) -> Vec<Vec<f32>> {
+    let mut cache = model.new_cache_with_capacity(prompt.len() + continuation.len());
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let first = model
+        .forward(&input, &mut cache, LogitsFor::Last)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut steps = vec![first];
+    for &token in continuation {
+        steps.push(model.forward_step(&[token], &mut [&mut cache]).unwrap());
+    }
+    steps
+}
+
+fn argmax(values: &[f32]) -> usize {
+    values
+        .iter()
+        .enumerate()
+        .fold(0, |best, (i, v)| if *v > values[best] { i } else { best })
+}
+
+#[test]
+fn f16_kv_logits_drift_little_from_f32() {
+    for name in ["tiny-safetensors", "tiny-eos"] {
+        let exact_model = load(name);
+        let half_model = load(name).with_kv_format(KvFormat::F16);
+        assert_eq!(half_model.kv_format(), KvFormat::F16);
+        let (exact_cache, half_cache) = (exact_model.new_cache(), half_model.new_cache());
+        assert_eq!(half_cache.format(), KvFormat::F16);
+        assert_eq!(exact_cache.format(), KvFormat::F32);
+
+        let prompt: Vec<u32> = (0..8).map(|i| (i * 37 + 11) % 500).collect();
+        let continuation: Vec<u32> = (0..24).map(|i| (i * 53 + 7) % 500).collect();
+        let exact = decode(&exact_model, &prompt, &continuation);
+        let half = decode(&half_model, &prompt, &continuation);
+        let (mut drift, mut spread, mut agree) = (0.0f32, 0.0f32, 0usize);
+        for (e, h) in exact.iter().zip(&half) {
+            for (a, b) in e.iter().zip(h) {
+                drift = drift.max((a - b).abs());
+                spread = spread.max(a.abs());
+            }
+            agree += usize::from(argmax(e) == argmax(h));
+        }
+        let agreement = agree as f32 / exact.len() as f32;
+        println!(
+            "{name}: f16 KV max abs logit drift {drift:.5} (logits up to {spread:.2}), top-1 agreement {agreement:.3}"
+        );
+        assert!(drift > 0.0, "{name}: the f16 cache should round something");
+        assert!(
+            drift < 0.01 * spread,
+            "{name}: drift {drift} against logits up to {spread}"
+        );
+        assert!(agreement >= 0.95, "{name}: top-1 agreement {agreement}");
+    }
+}
+
+#[test]
+fn f16_kv_rows_do_not_depend_on_their_batch() {
+    let model = load("tiny-safetensors").with_kv_format(KvFormat::F16);
+    let prompt = Tensor::new(&[[5u32, 17, 300, 2, 9]], &Device::Cpu).unwrap();
+    let mut shared = model.new_cache();
+    model
+        .forward(&prompt, &mut shared, LogitsFor::Last)
+        .unwrap();
+    let mut alone = shared.clone();
+    shared.reorder(&[0, 0, 0]).unwrap();
+    let batched = model.forward_step(&[1, 2, 3], &mut [&mut shared]).unwrap();
+    let single = model.forward_step(&[2], &mut [&mut alone]).unwrap();
+    let vocab = model.config().vocab_size;
+    assert_eq!(&batched[vocab..2 * vocab], single.as_slice());
+}
