@@ -163,7 +163,7 @@ impl Generator {
     /// rows to run next, or `None` when generation is over.
     pub fn advance(&mut self, logits: &[f32]) -> Result<Option<Step>, GenerationError> {
         let vocab = self.vocab_size;
-        if logits.len() % vocab != 0 || logits.is_empty() {
+        if !logits.len().is_multiple_of(vocab) || logits.is_empty() {
             return Err(GenerationError::LogitsShape {
                 len: logits.len(),
                 vocab_size: vocab,

@@ -386,7 +386,7 @@ unsafe fn attend_avx512<T: KvElement>(
     const MAX_VECTORS: usize = 8;
     let d = q.len();
     let vectors = d / 16;
-    if d % 16 != 0 || vectors > MAX_VECTORS {
+    if !d.is_multiple_of(16) || vectors > MAX_VECTORS {
         return attend_body(q, keys, values, scale, out);
     }
     let positions = keys.len() / d;

@@ -34,7 +34,7 @@ pub(crate) struct Q8Matrix {
 impl Q8Matrix {
     /// Quantizes `(n, k)` f32 rows; `k` must be a multiple of [`BLOCK`].
     pub(crate) fn quantize(weights: &[f32], n: usize, k: usize) -> Self {
-        assert!(k % BLOCK == 0 && weights.len() == n * k);
+        assert!(k.is_multiple_of(BLOCK) && weights.len() == n * k);
         let groups = n.div_ceil(LANES);
         let blocks = k / BLOCK;
         let mut quants = vec![OFFSET as u8; groups * k * LANES];
@@ -223,7 +223,7 @@ unsafe fn tile_avx512(
     tile: &mut [f32],
     width: usize,
 ) {
-    debug_assert!(start % LANES == 0);
+    debug_assert!(start.is_multiple_of(LANES));
     let end = start + bias.len();
     let mut group = start / LANES;
     while group * LANES < end {
@@ -281,9 +281,7 @@ unsafe fn store<const RG: usize, const CG: usize>(
         for quad in b * BLOCK / QUAD..(b + 1) * BLOCK / QUAD {
             let mut w = [_mm512_setzero_si512(); CG];
             for (c, w) in w.iter_mut().enumerate() {
-                *w = _mm512_loadu_si512(
-                    weights.add(((c * quads + quad) * LANES * QUAD) as usize) as *const _
-                );
+                *w = _mm512_loadu_si512(weights.add((c * quads + quad) * LANES * QUAD) as *const _);
             }
             for (row, sums) in sums.iter_mut().enumerate() {
                 let x = _mm512_set1_epi32(*x_quads.add(row * quads + quad));
@@ -343,7 +341,7 @@ fn tile_dispatch(
                 && std::arch::is_x86_feature_detected!("avx512bw")
                 && std::arch::is_x86_feature_detected!("avx512vnni")
         });
-        if vnni && start % LANES == 0 {
+        if vnni && start.is_multiple_of(LANES) {
             // SAFETY: the CPU has the features this function is compiled for.
             return unsafe { tile_avx512(m, a, start, bias, tile, width) };
         }

@@ -253,7 +253,7 @@ impl NamedTensors {
             name,
             shape,
             |data, shape| Tensor::from_vec(data.to_vec(), shape, &Device::Cpu),
-            |tensor| Ok(tensor),
+            Ok,
         )
     }
 
