@@ -325,6 +325,12 @@ unsafe fn store<const RG: usize, const CG: usize>(
             let mut w = [_mm512_setzero_si512(); CG];
             for (c, w) in w.iter_mut().enumerate() {
                 *w = _mm512_loadu_si512(weights.add((c * quads + quad) * LANES * QUAD) as *const _);
+                if r == 0 {
+                    // The first row group asks for the next groups' line into L2 (as the f32
+                    // kernel does); past the matrix's end a prefetch is a no-op.
+                    let next = weights.wrapping_add(((CG + c) * quads + quad) * LANES * QUAD);
+                    _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
+                }
             }
             for (row, sums) in sums.iter_mut().enumerate() {
                 let x = _mm512_set1_epi32(*x_quads.add(row * quads + quad));
