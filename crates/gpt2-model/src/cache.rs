@@ -1,4 +1,5 @@
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use crate::ModelError;
 
@@ -63,15 +64,10 @@ pub(crate) enum KvBuffer {
 
 /// A cached value type: f32 or f16, read back as f32.
 pub(crate) trait KvElement: Copy + Default + Send + Sync {
-    fn from_f32(value: f32) -> Self;
     fn to_f32(self) -> f32;
 }
 
 impl KvElement for f32 {
-    #[inline(always)]
-    fn from_f32(value: f32) -> Self {
-        value
-    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -79,10 +75,6 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
-    #[inline(always)]
-    fn from_f32(value: f32) -> Self {
-        f16::from_f32(value)
-    }
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -119,18 +111,26 @@ impl KvBuffer {
         with_buffer!(self, values => values.resize(len, Default::default()))
     }
 
-    /// Stores `source` (f32) at `at`, rounding to the buffer's format.
+    /// Stores `source` (f32) at `at`, rounding to the buffer's format (F16C instructions where
+    /// the CPU has them).
     pub(crate) fn write(&mut self, at: usize, source: &[f32]) {
-        with_buffer!(self, values => {
-            for (to, from) in values[at..at + source.len()].iter_mut().zip(source) {
-                *to = KvElement::from_f32(*from);
-            }
-        })
+        let range = at..at + source.len();
+        match self {
+            Self::F32(values) => values[range].copy_from_slice(source),
+            Self::F16(values) => values[range].convert_from_f32_slice(source),
+        }
     }
 
     /// Appends `len` values from `at`, as f32, to `out`.
     pub(crate) fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
-        with_buffer!(self, values => out.extend(values[at..at + len].iter().map(|v| v.to_f32())))
+        match self {
+            Self::F32(values) => out.extend_from_slice(&values[at..at + len]),
+            Self::F16(values) => {
+                let start = out.len();
+                out.resize(start + len, 0.0);
+                values[at..at + len].convert_to_f32_slice(&mut out[start..]);
+            }
+        }
     }
 }
 

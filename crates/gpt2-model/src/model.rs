@@ -111,8 +111,18 @@ impl Conv1D {
         if k % quantized::BLOCK != 0 {
             return Ok(false);
         }
-        let data = w.flatten_all()?.to_vec1::<f32>()?;
-        self.weight = Weight::Q8(std::sync::Arc::new(Q8Matrix::quantize(&data, n, k)));
+        // Quantize straight from the tensor's buffer: a copy of every matrix would cost startup
+        // time and a transient half-gigabyte of page faults.
+        let quantized = {
+            let (storage, layout) = w.storage_and_layout();
+            match (&*storage, layout.contiguous_offsets()) {
+                (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((s, e))) => {
+                    Q8Matrix::quantize(&data[s..e], n, k)
+                }
+                _ => Q8Matrix::quantize(&w.flatten_all()?.to_vec1::<f32>()?, n, k),
+            }
+        };
+        self.weight = Weight::Q8(std::sync::Arc::new(quantized));
         Ok(true)
     }
 }
