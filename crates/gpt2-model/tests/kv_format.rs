@@ -1,5 +1,5 @@
-//! f16 KV caches: decode-step logits drift little from f32 caches, and a row's logits still do
-//! not depend on what shares its decode step.
+//! f16 KV caches: decode-step logits drift little from f32 caches (batch independence is tested
+//! with the other storage options in weight_format.rs).
 
 use std::path::Path;
 
@@ -74,20 +74,4 @@ fn f16_kv_logits_drift_little_from_f32() {
         );
         assert!(agreement >= 0.95, "{name}: top-1 agreement {agreement}");
     }
-}
-
-#[test]
-fn f16_kv_rows_do_not_depend_on_their_batch() {
-    let model = load("tiny-safetensors").with_kv_format(KvFormat::F16);
-    let prompt = Tensor::new(&[[5u32, 17, 300, 2, 9]], &Device::Cpu).unwrap();
-    let mut shared = model.new_cache();
-    model
-        .forward(&prompt, &mut shared, LogitsFor::Last)
-        .unwrap();
-    let mut alone = shared.clone();
-    shared.reorder(&[0, 0, 0]).unwrap();
-    let batched = model.forward_step(&[1, 2, 3], &mut [&mut shared]).unwrap();
-    let single = model.forward_step(&[2], &mut [&mut alone]).unwrap();
-    let vocab = model.config().vocab_size;
-    assert_eq!(&batched[vocab..2 * vocab], single.as_slice());
 }
