@@ -972,3 +972,89 @@ fn causal_mask(past: usize, new: usize, device: &Device) -> candle_core::Result<
         .collect();
     Tensor::from_vec(mask, (new, total), device)?.to_dtype(DType::F32)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use half::f16;
+
+    fn values(seed: &mut u32, count: usize) -> Vec<f32> {
+        (0..count)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (*seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0 - 2.0
+            })
+            .collect()
+    }
+
+    /// Softmax attention in f64 over f32 inputs.
+    fn reference(q: &[f32], keys: &[f32], values: &[f32], scale: f32) -> Vec<f32> {
+        let d = q.len();
+        let scores: Vec<f64> = keys
+            .chunks(d)
+            .map(|k| {
+                q.iter()
+                    .zip(k)
+                    .map(|(a, b)| f64::from(*a) * f64::from(*b))
+                    .sum::<f64>()
+            })
+            .map(|s| s * f64::from(scale))
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+        let total: f64 = weights.iter().sum();
+        (0..d)
+            .map(|i| {
+                weights
+                    .iter()
+                    .zip(values.chunks(d))
+                    .map(|(w, v)| w / total * f64::from(v[i]))
+                    .sum::<f64>() as f32
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attention_kernels_match_a_reference_for_every_head_size_and_cache_format() {
+        let mut seed = 5u32;
+        for (d, positions) in [
+            (64, 1),
+            (64, 7),
+            (64, 100),
+            (16, 9),
+            (128, 33),
+            (8, 5),
+            (24, 6),
+        ] {
+            let q = values(&mut seed, d);
+            let keys = values(&mut seed, d * positions);
+            let vals = values(&mut seed, d * positions);
+            let scale = 1.0 / (d as f32).sqrt();
+            let want = reference(&q, &keys, &vals, scale);
+            let mut got = vec![0.0f32; d];
+            attend(&q, &keys, &vals, scale, &mut got);
+            let mut portable = vec![0.0f32; d];
+            attend_body(&q, &keys, &vals, scale, &mut portable);
+            for i in 0..d {
+                assert!(
+                    (got[i] - want[i]).abs() < 1e-5,
+                    "f32 d={d} n={positions} [{i}]"
+                );
+                assert!((portable[i] - want[i]).abs() < 1e-5, "portable d={d} [{i}]");
+            }
+            // f16 caches: the same result up to the caches' rounding.
+            let keys16: Vec<f16> = keys.iter().map(|&v| f16::from_f32(v)).collect();
+            let vals16: Vec<f16> = vals.iter().map(|&v| f16::from_f32(v)).collect();
+            let rounded = |v: &[f16]| v.iter().map(|x| x.to_f32()).collect::<Vec<f32>>();
+            let want16 = reference(&q, &rounded(&keys16), &rounded(&vals16), scale);
+            let mut got16 = vec![0.0f32; d];
+            attend(&q, &keys16, &vals16, scale, &mut got16);
+            for i in 0..d {
+                assert!(
+                    (got16[i] - want16[i]).abs() < 1e-5,
+                    "f16 d={d} n={positions} [{i}]"
+                );
+            }
+        }
+    }
+}
