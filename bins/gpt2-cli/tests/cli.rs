@@ -193,6 +193,11 @@ fn bad_requests_exit_2_with_one_line_and_no_stdout() {
             "max_length",
         ),
         (
+            vec!["generate", "--input", "x", "--kv-dtype", "f8"],
+            None,
+            "--kv-dtype",
+        ),
+        (
             vec![
                 "generate",
                 "--input",
@@ -218,7 +223,7 @@ fn bad_requests_exit_2_with_one_line_and_no_stdout() {
 }
 
 #[test]
-fn q8_0_weights_generate_from_the_same_request() {
+fn q8_0_weights_and_f16_caches_generate_from_the_same_request() {
     let model = tiny_model();
     let body =
         r#"{"input": "a b c", "mode": "greedy", "max_length": 12, "num_return_sequences": 1}"#;
@@ -229,6 +234,8 @@ fn q8_0_weights_generate_from_the_same_request() {
             model.to_str().unwrap(),
             "--dtype",
             "q8_0",
+            "--kv-dtype",
+            "f16",
             "--request",
             "-",
         ],

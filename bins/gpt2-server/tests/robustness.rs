@@ -166,6 +166,9 @@ fn bad_arguments_exit_non_zero_with_a_message() {
     let out = run(&["--dtype", "q4"], &[]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("q4"));
+    let out = run(&["--kv-dtype", "f8"], &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("f8"));
     let out = run(&[], &[("SAGEMAKER_BIND_TO_PORT", "not-a-port")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SAGEMAKER_BIND_TO_PORT"));

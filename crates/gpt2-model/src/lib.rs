@@ -5,6 +5,10 @@
 //! names), and runs a batch of sequences with a KV cache: prefill a prompt, then one token per
 //! step. It knows nothing of sampling or text.
 //!
+//! f32 throughout by default (equal to HF to ~1e-6); [`Gpt2Model::with_weight_format`] stores the
+//! linear layers as q8_0 and [`Gpt2Model::with_kv_format`] stores new KV caches as f16, each
+//! trading a small logit drift for speed or memory.
+//!
 //! ```
 //! use candle_core::Tensor;
 //! use gpt2_model::{Gpt2Model, LogitsFor};
