@@ -72,10 +72,17 @@ impl From<SubmitError> for ApiError {
                 e.to_string(),
             ),
             SubmitError::Engine(EngineError::Request(e)) => e.into(),
-            SubmitError::Engine(EngineError::Cancelled) => Self::new(
+            SubmitError::Engine(EngineError::DeadlineExceeded) => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "deadline_exceeded",
-                "generation was stopped",
+                e.to_string(),
+            ),
+            // Only a request whose client is gone is cancelled: nobody reads this answer, but the
+            // request log records it as what it is (nginx's 499).
+            SubmitError::Engine(EngineError::Cancelled) => Self::new(
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "client_disconnected",
+                e.to_string(),
             ),
             SubmitError::Engine(e) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,

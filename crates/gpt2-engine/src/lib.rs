@@ -25,7 +25,7 @@ mod run;
 mod worker;
 
 pub use gpt2_generation::{GenerationParams, Strategy};
-pub use gpt2_model::{return_freed_memory_to_os, KvFormat, WeightFormat};
+pub use gpt2_model::{return_freed_memory_to_os, Isa, IsaError, KvFormat, WeightFormat, ISA_ENV};
 pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
 pub use pipeline::{GenerationOutput, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
 pub use run::{generate_ids, Decoding};
@@ -40,13 +40,20 @@ pub enum EngineError {
     /// The model could not be loaded or run.
     #[error(transparent)]
     Model(#[from] gpt2_model::ModelError),
+    /// A decode step shared with other requests failed; each of them gets the same error.
+    #[error("decode step failed: {0}")]
+    DecodeStep(#[source] std::sync::Arc<gpt2_model::ModelError>),
     /// The tokenizer could not be loaded or run.
     #[error(transparent)]
     Tokenizer(#[from] gpt2_tokenizer::TokenizerError),
     /// The generation state machine refused its input.
     #[error(transparent)]
     Generation(#[from] gpt2_generation::GenerationError),
-    /// The caller gave up (client gone, deadline passed) and generation stopped early.
+    /// The caller gave up (its client went away, or its stop callback answered true) and
+    /// generation stopped early.
     #[error("generation cancelled")]
     Cancelled,
+    /// The request's deadline passed before it finished; generation stopped.
+    #[error("the request's deadline passed before generation finished")]
+    DeadlineExceeded,
 }

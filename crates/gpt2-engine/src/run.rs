@@ -25,12 +25,12 @@ impl Decoding {
         let generator = Generator::new(prompt, params, model.config().vocab_size)?;
         let mut cache = model.new_cache_with_capacity(max_length);
         let prompt_tensor = Tensor::from_slice(prompt, (1, prompt.len()), model.device())
-            .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))?;
+            .map_err(ModelError::from)?;
         let logits = model
             .forward(&prompt_tensor, &mut cache, LogitsFor::Last)?
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
-            .map_err(|e| EngineError::Model(ModelError::Candle(e.to_string())))?;
+            .map_err(ModelError::from)?;
         let mut decoding = Self {
             generator,
             cache,

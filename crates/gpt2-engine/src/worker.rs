@@ -178,7 +178,7 @@ impl Engine {
             .map_err(|_| SubmitError::WorkerGone)?;
         match tokio::time::timeout_at(deadline.into(), answer).await {
             Ok(Ok(Ok(completed))) => Ok(completed),
-            Ok(Ok(Err(EngineError::Cancelled))) | Err(_) => {
+            Ok(Ok(Err(EngineError::DeadlineExceeded))) | Err(_) => {
                 Err(SubmitError::DeadlineExceeded(self.config.deadline))
             }
             Ok(Ok(Err(e))) => Err(SubmitError::Engine(e)),
@@ -228,7 +228,7 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
             }
             let started = Instant::now();
             if started >= job.deadline {
-                let _ = job.reply.send(Err(EngineError::Cancelled));
+                let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
                 continue;
             }
             admitted += 1;
@@ -267,7 +267,7 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
                 continue; // the client went away: stop its generation
             }
             if now >= r.job.deadline {
-                let _ = r.job.reply.send(Err(EngineError::Cancelled));
+                let _ = r.job.reply.send(Err(EngineError::DeadlineExceeded));
                 continue;
             }
             live.push(r);
@@ -303,13 +303,9 @@ fn step(pipeline: &Pipeline, running: &mut Vec<Running>) {
         Ok(logits) => logits,
         Err(e) => {
             tracing::error!("decode step failed: {e}");
+            let e = Arc::new(e);
             for r in running.drain(..) {
-                let _ = r
-                    .job
-                    .reply
-                    .send(Err(EngineError::Model(gpt2_model::ModelError::Candle(
-                        e.to_string(),
-                    ))));
+                let _ = r.job.reply.send(Err(EngineError::DecodeStep(e.clone())));
             }
             return;
         }

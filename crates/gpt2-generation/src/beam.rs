@@ -3,8 +3,10 @@
 //!
 //! Scores are kept in f32 and combined in the same order as HF, so that hypotheses rank the same.
 
+use gpt2_simd::{exp, Isa};
+
 use crate::ngram::ban_repeated_ngrams;
-use crate::BeamParams;
+use crate::{BeamParams, Step};
 
 /// HF's stand-in for "impossible": added to scores of candidates that must not be chosen.
 const IMPOSSIBLE: f32 = -1.0e9;
@@ -41,16 +43,6 @@ pub struct BeamSearch {
     done: bool,
     /// Reused buffer for the step's num_beams × vocab scores.
     scores: Vec<f32>,
-}
-
-/// What the caller must run next: for each running beam, the cache row it continues and the
-/// token to feed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BeamStep {
-    /// Row `i` of the next batch continues row `parent_rows[i]` of the previous one.
-    pub parent_rows: Vec<u32>,
-    /// Token fed to row `i`.
-    pub tokens: Vec<u32>,
 }
 
 impl BeamSearch {
@@ -94,7 +86,7 @@ impl BeamSearch {
     /// Takes the logits of every running beam (`num_beams` rows of `vocab` values; a single row
     /// is accepted for the first step, when every beam holds the prompt). Returns the next step,
     /// or `None` when the search has ended.
-    pub fn advance(&mut self, logits: &[f32], vocab: usize) -> Option<BeamStep> {
+    pub fn advance(&mut self, logits: &[f32], vocab: usize) -> Option<Step> {
         if self.done || vocab == 0 {
             self.done = true;
             return None;
@@ -168,7 +160,7 @@ impl BeamSearch {
             .map(|i| merged[i].clone())
             .collect();
 
-        let step = BeamStep {
+        let step = Step {
             parent_rows: next_running
                 .iter()
                 .map(|&i| candidates[i].beam as u32)
@@ -208,17 +200,31 @@ impl BeamSearch {
 /// is summed in f64 over f32 exponentials (each within an ulp), which LLVM vectorizes; libm's
 /// scalar f64 `exp` cost 2–3 ms per 5-beam step.
 fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature this function is compiled for.
-        return unsafe { log_softmax_avx512(logits) };
+    log_softmax_with(Isa::active(), logits)
+}
+
+/// [`log_softmax`] with the body compiled for `isa` (every level gives the same values).
+fn log_softmax_with(isa: Isa, logits: &[f32]) -> Vec<f32> {
+    match isa {
+        // SAFETY: the CPU has the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.is_supported() => unsafe { log_softmax_avx512(logits) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_supported() => unsafe { log_softmax_avx2(logits) },
+        _ => log_softmax_body(logits),
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn log_softmax_avx512(logits: &[f32]) -> Vec<f32> {
     log_softmax_body(logits)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn log_softmax_avx512(logits: &[f32]) -> Vec<f32> {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn log_softmax_avx2(logits: &[f32]) -> Vec<f32> {
     log_softmax_body(logits)
 }
 
@@ -237,12 +243,12 @@ fn log_softmax_body(logits: &[f32]) -> Vec<f32> {
     let tail: f64 = chunks
         .remainder()
         .iter()
-        .map(|&l| f64::from(exp_non_positive(l - max)))
+        .map(|&l| f64::from(exp(l - max)))
         .sum();
     let mut partial = [0.0f64; LANES];
     for chunk in chunks {
         for (sum, &l) in partial.iter_mut().zip(chunk) {
-            *sum += f64::from(exp_non_positive(l - max));
+            *sum += f64::from(exp(l - max));
         }
     }
     let log_sum = (partial.iter().sum::<f64>() + tail).ln();
@@ -251,24 +257,6 @@ fn log_softmax_body(logits: &[f32]) -> Vec<f32> {
         .iter()
         .map(|&l| (f64::from(l) - max - log_sum) as f32)
         .collect()
-}
-
-/// `e^x` for `x ≤ 0` (Cephes `expf`: range reduction by `ln 2`, degree-6 polynomial), branch-free
-/// so that it vectorizes. Below −87 (where `e^x` leaves the normal floats) it returns `e^−87`,
-/// which is negligible next to the maximum's 1.
-#[inline(always)]
-fn exp_non_positive(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HIGH: f32 = 0.693_359_4;
-    const LN2_LOW: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 0.0);
-    let n = (x * LOG2_E).round();
-    let r = x - n * LN2_HIGH - n * LN2_LOW;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    (p * r * r + r + 1.0) * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
 /// Indices of the `k` largest values, largest first; ties go to the lower index (torch's
@@ -315,7 +303,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn log_softmax_is_within_an_ulp_of_the_f64_computation() {
+    fn log_softmax_is_within_an_ulp_of_the_f64_computation_on_every_instruction_set() {
         let mut seed = 11u32;
         let logits: Vec<f32> = (0..50_257)
             .map(|_| {
@@ -330,19 +318,15 @@ mod tests {
             .map(|&l| (f64::from(l) - max).exp())
             .sum::<f64>()
             .ln();
-        for (got, &l) in log_softmax(&logits).iter().zip(&logits) {
-            let want = (f64::from(l) - max - log_sum) as f32;
-            let ulp = (want.abs() * f32::EPSILON).max(f32::MIN_POSITIVE);
-            assert!((got - want).abs() <= ulp || got == &want, "{got} vs {want}");
-        }
-        for i in 0..=8_700 {
-            let x = -(i as f32) * 0.01;
-            let want = f64::from(x).exp();
-            let got = f64::from(exp_non_positive(x));
-            assert!(
-                (got - want).abs() <= 2.0 * f64::from(f32::EPSILON) * want,
-                "exp({x})"
-            );
+        for isa in Isa::available() {
+            for (got, &l) in log_softmax_with(isa, &logits).iter().zip(&logits) {
+                let want = (f64::from(l) - max - log_sum) as f32;
+                let ulp = (want.abs() * f32::EPSILON).max(f32::MIN_POSITIVE);
+                assert!(
+                    (got - want).abs() <= ulp || got == &want,
+                    "{isa}: {got} vs {want}"
+                );
+            }
         }
     }
 

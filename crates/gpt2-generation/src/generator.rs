@@ -5,7 +5,7 @@ use crate::beam::BeamSearch;
 use crate::sampling::{argmax, Candidates};
 use crate::{GenerationError, GenerationParams, Strategy};
 
-/// What the model must run next.
+/// What the model must run next, from a [`Generator`] or a [`crate::BeamSearch`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     /// Row `i` of the next batch continues row `parent_rows[i]` of the batch the last logits
@@ -174,10 +174,7 @@ impl Generator {
         let max_length = self.params.max_length;
         let eos = self.params.eos_token_id;
         match &mut self.state {
-            State::Beam(search) => Ok(search.advance(logits, vocab).map(|s| Step {
-                parent_rows: s.parent_rows,
-                tokens: s.tokens,
-            })),
+            State::Beam(search) => Ok(search.advance(logits, vocab)),
             State::Independent { sequences, rows } => {
                 if row_count != rows.len() {
                     return Err(GenerationError::LogitsShape {

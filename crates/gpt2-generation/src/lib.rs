@@ -24,11 +24,14 @@ mod ngram;
 mod params;
 mod sampling;
 
-pub use beam::{BeamSearch, BeamStep};
+pub use beam::BeamSearch;
 pub use generator::{sequence_rng, Generator, Step};
 pub use ngram::{ban_repeated_ngrams, banned_ngram_tokens};
 pub use params::{BeamParams, GenerationParams, SamplingParams, Strategy};
 pub use sampling::{argmax, Candidates};
+/// The random-number crates of the public API: [`sequence_rng`] returns a
+/// [`rand_chacha::ChaCha20Rng`], and [`Candidates::draw`] takes any [`rand::Rng`].
+pub use {rand, rand_chacha};
 
 /// Errors of driving a [`Generator`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -38,21 +38,21 @@ impl std::str::FromStr for KvFormat {
 /// after a step) in place, copying only the rows that change and only the positions in use.
 #[derive(Debug, Clone)]
 pub struct KvCache {
-    pub(crate) layers: Vec<LayerCache>,
-    pub(crate) seq_len: usize,
-    pub(crate) rows: usize,
-    pub(crate) capacity: usize,
-    pub(crate) n_head: usize,
-    pub(crate) head_dim: usize,
+    layers: Vec<LayerCache>,
+    seq_len: usize,
+    rows: usize,
+    capacity: usize,
+    n_head: usize,
+    head_dim: usize,
     format: KvFormat,
     /// Reused staging area of [`KvCache::reorder`].
     spare: KvBuffer,
 }
 
 #[derive(Debug, Clone)]
-pub(crate) struct LayerCache {
-    pub(crate) k: KvBuffer,
-    pub(crate) v: KvBuffer,
+struct LayerCache {
+    k: KvBuffer,
+    v: KvBuffer,
 }
 
 /// One flat buffer of keys or values, in the cache's format.
@@ -64,10 +64,16 @@ pub(crate) enum KvBuffer {
 
 /// A cached value type: f32 or f16, read back as f32.
 pub(crate) trait KvElement: Copy + Default + Send + Sync {
+    /// The format whose buffers hold this type: SIMD kernels pick their loads by it, so a new
+    /// 16-bit format (bf16) cannot be mistaken for f16 by its size.
+    const FORMAT: KvFormat;
+
     fn to_f32(self) -> f32;
 }
 
 impl KvElement for f32 {
+    const FORMAT: KvFormat = KvFormat::F32;
+
     #[inline(always)]
     fn to_f32(self) -> f32 {
         self
@@ -75,6 +81,8 @@ impl KvElement for f32 {
 }
 
 impl KvElement for f16 {
+    const FORMAT: KvFormat = KvFormat::F16;
+
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
@@ -113,7 +121,7 @@ impl KvBuffer {
 
     /// Stores `source` (f32) at `at`, rounding to the buffer's format (F16C instructions where
     /// the CPU has them).
-    pub(crate) fn write(&mut self, at: usize, source: &[f32]) {
+    fn write(&mut self, at: usize, source: &[f32]) {
         let range = at..at + source.len();
         match self {
             Self::F32(values) => values[range].copy_from_slice(source),
@@ -165,6 +173,67 @@ impl KvCache {
     /// Number of positions cached per sequence.
     pub fn seq_len(&self) -> usize {
         self.seq_len
+    }
+
+    /// Rows (sequences) the buffers are laid out for, including during a step before
+    /// [`Self::commit`].
+    pub(crate) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether this cache was made for a model of `n_layer` layers of `n_head` heads of
+    /// `head_dim`.
+    pub(crate) fn fits(&self, n_layer: usize, n_head: usize, head_dim: usize) -> bool {
+        self.layers.len() == n_layer && self.n_head == n_head && self.head_dim == head_dim
+    }
+
+    /// Records that every row now holds `positions` positions (after a forward pass wrote them).
+    pub(crate) fn commit(&mut self, positions: usize) {
+        debug_assert!(positions <= self.capacity);
+        self.seq_len = positions;
+    }
+
+    /// Stores the keys and values of every head of `row` at `position` in `layer`: `keys` and
+    /// `values` are `(n_head, head_dim)`, as one row of the attention projection lays them out.
+    pub(crate) fn store(
+        &mut self,
+        layer: usize,
+        row: usize,
+        position: usize,
+        keys: &[f32],
+        values: &[f32],
+    ) {
+        let d = self.head_dim;
+        debug_assert!(keys.len() == self.n_head * d && values.len() == keys.len());
+        for head in 0..self.n_head {
+            let at = self.offset(row, head, position);
+            let entry = &mut self.layers[layer];
+            entry.k.write(at, &keys[head * d..(head + 1) * d]);
+            entry.v.write(at, &values[head * d..(head + 1) * d]);
+        }
+    }
+
+    /// The keys and values buffers of `layer`, laid out as [`Self::offset`] says.
+    pub(crate) fn buffers(&self, layer: usize) -> (&KvBuffer, &KvBuffer) {
+        let entry = &self.layers[layer];
+        (&entry.k, &entry.v)
+    }
+
+    /// The first `positions` keys and values of `layer` for every row, as f32
+    /// `(rows, n_head, positions, head_dim)`: what a prefill continuing a cache attends to.
+    pub(crate) fn gather(&self, layer: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
+        let d = self.head_dim;
+        let gather = |buffer: &KvBuffer| {
+            let mut data = Vec::with_capacity(self.rows * self.n_head * positions * d);
+            for row in 0..self.rows {
+                for head in 0..self.n_head {
+                    buffer.read_into(self.offset(row, head, 0), positions * d, &mut data);
+                }
+            }
+            data
+        };
+        let entry = &self.layers[layer];
+        (gather(&entry.k), gather(&entry.v))
     }
 
     /// Number of sequences cached, `None` while empty.

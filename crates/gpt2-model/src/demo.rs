@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use crate::{Activation, Gpt2Config, Gpt2Model};
 
 /// The seed the demo model's weights are drawn from; the same on every machine.
-pub const DEMO_CONFIG_SEED: u64 = 0x6770_7432;
+pub const DEMO_WEIGHTS_SEED: u64 = 0x6770_7432;
 
 /// The demo model's shape: GPT-2's vocabulary and position table, two narrow layers.
 pub fn demo_config() -> Gpt2Config {
@@ -36,11 +36,11 @@ fn normal(rng: &mut ChaCha8Rng, len: usize, std: f32) -> Vec<f32> {
 }
 
 impl Gpt2Model {
-    /// A deterministic GPT-2 with random weights (seed [`DEMO_CONFIG_SEED`]) and the real
+    /// A deterministic GPT-2 with random weights (seed [`DEMO_WEIGHTS_SEED`]) and the real
     /// vocabulary, so that everything runs without a download. Its text is noise: it is not
     /// GPT-2, and callers should say so when they use it.
     pub fn demo() -> Self {
-        Self::random(demo_config(), DEMO_CONFIG_SEED).expect("the demo config is valid")
+        Self::random(demo_config(), DEMO_WEIGHTS_SEED).expect("the demo config is valid")
     }
 
     /// A model of any shape with random weights (N(0, 0.02²), layer norms at identity), drawn

@@ -24,25 +24,28 @@
 //! # let _ = logits;
 //! ```
 
-mod activation;
+mod attention;
 mod cache;
 mod config;
 mod demo;
 mod kernels;
+mod layers;
+mod linear;
 mod memory;
-pub use memory::return_freed_memory_to_os;
 mod model;
-mod quantized;
 mod weights;
 
-use std::path::Path;
-
-use candle_core::Device;
+/// The tensor library of this crate's public signatures ([`Gpt2Model::forward`] takes and
+/// returns its `Tensor`s), re-exported so that callers use the same version.
+pub use candle_core;
+pub use gpt2_simd::{Isa, IsaError, ISA_ENV};
 
 pub use cache::{KvCache, KvFormat};
 pub use config::{Activation, Gpt2Config};
-pub use demo::{demo_config, DEMO_CONFIG_SEED};
-pub use model::{Gpt2Model, LogitsFor, WeightFormat};
+pub use demo::{demo_config, DEMO_WEIGHTS_SEED};
+pub use linear::WeightFormat;
+pub use memory::return_freed_memory_to_os;
+pub use model::{Gpt2Model, LogitsFor};
 pub use weights::WeightFiles;
 
 /// Errors of loading or running a model.
@@ -87,66 +90,5 @@ pub enum ModelError {
     Input(String),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
-    Candle(String),
-}
-
-impl ModelError {
-    pub(crate) fn from_candle(e: candle_core::Error) -> Self {
-        Self::Candle(e.to_string())
-    }
-}
-
-impl Gpt2Model {
-    /// Loads `config.json` and the weights of a model directory onto `device`.
-    pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self, ModelError> {
-        let dir = dir.as_ref();
-        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        let files = WeightFiles::find(dir)?;
-        let weights = weights::NamedTensors::load(&files, device)?;
-        Self::from_named_tensors(config, weights, device)
-    }
-
-    /// Builds a model from tensors under HF names (either key layout).
-    pub fn from_tensors(
-        config: Gpt2Config,
-        tensors: std::collections::HashMap<String, candle_core::Tensor>,
-        device: &Device,
-    ) -> Result<Self, ModelError> {
-        let tensors = tensors
-            .into_iter()
-            .map(|(name, t)| {
-                let name = name
-                    .strip_prefix("transformer.")
-                    .unwrap_or(&name)
-                    .to_string();
-                (name, t)
-            })
-            .collect();
-        Self::from_named_tensors(
-            config,
-            weights::NamedTensors::from_map(tensors, "the given tensors"),
-            device,
-        )
-    }
-
-    /// Writes `config.json` and `model.safetensors` (bare key layout) into `dir`.
-    pub fn save(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
-        let dir = dir.as_ref();
-        let io = |path: &Path| {
-            let path = path.display().to_string();
-            move |e| ModelError::Io { path, source: e }
-        };
-        std::fs::create_dir_all(dir).map_err(io(dir))?;
-        let config_path = dir.join("config.json");
-        std::fs::write(&config_path, demo::hf_config_json(self.config()))
-            .map_err(io(&config_path))?;
-        let weights_path = dir.join("model.safetensors");
-        let named = self.named_weights().map_err(ModelError::from_candle)?;
-        let named: std::collections::HashMap<String, candle_core::Tensor> =
-            named.into_iter().collect();
-        candle_core::safetensors::save(&named, &weights_path).map_err(|e| ModelError::Weights {
-            path: weights_path.display().to_string(),
-            reason: e.to_string(),
-        })
-    }
+    Candle(#[from] candle_core::Error),
 }

@@ -80,11 +80,22 @@ pub(crate) struct NamedTensors {
     origin: String,
 }
 
+/// A tensor of a mapped safetensors file.
+struct MappedTensor {
+    file: usize,
+    /// Its name in the file (which may carry the `transformer.` prefix).
+    name: String,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    /// Byte range in the file.
+    bytes: std::ops::Range<usize>,
+}
+
 enum Source {
     Mapped {
         files: Vec<(PathBuf, memmap2::Mmap)>,
-        /// Canonical name → (file index, name in the file).
-        index: HashMap<String, (usize, String)>,
+        /// Canonical name → where the tensor lies, from each file's header (parsed once).
+        index: HashMap<String, MappedTensor>,
     },
     Loaded(HashMap<String, Tensor>),
 }
@@ -196,15 +207,22 @@ impl NamedTensors {
             // problem, as with every mmap-based loader (candle, safetensors, HF).
             let mapped =
                 unsafe { memmap2::Mmap::map(&file) }.map_err(|e| bad_file(e.to_string()))?;
-            let names = safetensors::SafeTensors::deserialize(&mapped)
-                .map_err(|e| bad_file(e.to_string()))?
-                .names()
-                .into_iter()
-                .map(str::to_string)
-                .collect::<Vec<_>>();
-            for name in names {
+            let (header_len, metadata) = safetensors::SafeTensors::read_metadata(&mapped)
+                .map_err(|e| bad_file(e.to_string()))?;
+            // The data section follows the 8-byte length and the header; `read_metadata` checked
+            // that the offsets tile it exactly.
+            let data_start = 8 + header_len;
+            for (name, info) in metadata.tensors() {
                 if !is_ignored_buffer(&name) {
-                    index.insert(canonical_name(&name).to_string(), (file_index, name));
+                    let (start, end) = info.data_offsets;
+                    let tensor = MappedTensor {
+                        file: file_index,
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        bytes: data_start + start..data_start + end,
+                        name: name.clone(),
+                    };
+                    index.insert(canonical_name(&name).to_string(), tensor);
                 }
             }
             files.push((path.clone(), mapped));
@@ -293,17 +311,19 @@ impl NamedTensors {
                 from_tensor(tensor).map_err(tensor_error)
             }
             Source::Mapped { files, index } => {
-                let Some((file_index, file_name)) = index.remove(name) else {
+                let Some(tensor) = index.remove(name) else {
                     return Err(self.missing(name));
                 };
-                let (path, mapped) = &files[file_index];
+                let (path, mapped) = &files[tensor.file];
                 let bad_file = |reason: String| ModelError::Weights {
                     path: path.display().to_string(),
-                    reason: format!("tensor {file_name}: {reason}"),
+                    reason: format!("tensor {}: {reason}", tensor.name),
                 };
-                let st = safetensors::SafeTensors::deserialize(mapped)
+                let bytes = mapped
+                    .get(tensor.bytes.clone())
+                    .ok_or_else(|| bad_file("data past the end of the file".into()))?;
+                let view = safetensors::tensor::TensorView::new(tensor.dtype, tensor.shape, bytes)
                     .map_err(|e| bad_file(e.to_string()))?;
-                let view = st.tensor(&file_name).map_err(|e| bad_file(e.to_string()))?;
                 Self::check_shape(name, view.shape(), shape)?;
                 let data = to_f32(&view).map_err(bad_file)?;
                 release_mapped(view.data());

@@ -11,6 +11,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::{by_column_ranges, Isa};
+
 /// Values per block sharing one scale.
 pub(crate) const BLOCK: usize = 32;
 /// Outputs interleaved in one vector (its 32-bit lanes).
@@ -34,6 +36,11 @@ pub(crate) struct Q8Matrix {
 impl Q8Matrix {
     /// Quantizes `(n, k)` f32 rows; `k` must be a multiple of [`BLOCK`].
     pub(crate) fn quantize(weights: &[f32], n: usize, k: usize) -> Self {
+        Self::quantize_with(Isa::active(), weights, n, k)
+    }
+
+    /// [`Self::quantize`] with the rounding compiled for `isa` (every level gives the same bits).
+    pub(crate) fn quantize_with(isa: Isa, weights: &[f32], n: usize, k: usize) -> Self {
         assert!(k.is_multiple_of(BLOCK) && weights.len() == n * k);
         let groups = n.div_ceil(LANES);
         let blocks = k / BLOCK;
@@ -44,7 +51,7 @@ impl Q8Matrix {
             .zip(scales.par_chunks_mut(blocks * LANES))
             .enumerate()
             .for_each(|(group, (quants, scales))| {
-                quantize_group(weights, n, k, group, quants, scales)
+                quantize_group(isa, weights, n, k, group, quants, scales)
             });
         Self {
             n,
@@ -78,9 +85,23 @@ impl Q8Matrix {
     /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`. The
     /// activations are quantized to q8_0 first.
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        let activations = QuantizedRows::new(x, rows, self.k);
-        crate::kernels::by_column_ranges(rows, self.n, |start, end, tile, width| {
-            tile_dispatch(
+        self.matmul_with(Isa::active(), x, rows, bias)
+    }
+
+    /// [`Self::matmul`] on the kernels compiled for `isa` (every level gives the same bits).
+    pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+        assert!(
+            x.len() == rows * self.k && bias.len() == self.n,
+            "q8_0 matmul: {} inputs for {rows} rows of {}, {} biases for {} outputs",
+            x.len(),
+            self.k,
+            bias.len(),
+            self.n
+        );
+        let activations = QuantizedRows::new(isa, x, rows, self.k);
+        by_column_ranges(rows, self.n, |start, end, tile, width| {
+            tile_with(
+                isa,
                 self,
                 &activations,
                 start,
@@ -95,6 +116,7 @@ impl Q8Matrix {
 
 /// Quantizes the 16 outputs of `group` into their repacked vectors and scales.
 fn quantize_group(
+    isa: Isa,
     weights: &[f32],
     n: usize,
     k: usize,
@@ -102,19 +124,21 @@ fn quantize_group(
     quants: &mut [u8],
     scales: &mut [half::f16],
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: the CPU has the feature this function is compiled for.
-        return unsafe { quantize_group_avx512(weights, n, k, group, quants, scales) };
+    match isa {
+        // SAFETY: the CPU has the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.is_supported() => unsafe {
+            quantize_group_avx512(weights, n, k, group, quants, scales)
+        },
+        _ => quantize_group_body(weights, n, k, group, quants, scales),
     }
-    quantize_group_body(weights, n, k, group, quants, scales)
 }
 
 /// [`quantize_group_body`] with rounding in vector instructions instead of calls to `roundf`
 /// (the same values): quantizing at load took ~0.5 s of startup otherwise.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn quantize_group_avx512(
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn quantize_group_avx512(
     weights: &[f32],
     n: usize,
     k: usize,
@@ -163,26 +187,26 @@ struct QuantizedRows {
 }
 
 impl QuantizedRows {
-    fn new(x: &[f32], rows: usize, k: usize) -> Self {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("avx512bw")
-        {
+    /// Quantizes `rows` rows of `k` (a multiple of [`BLOCK`]) with the code compiled for `isa`.
+    fn new(isa: Isa, x: &[f32], rows: usize, k: usize) -> Self {
+        assert!(k.is_multiple_of(BLOCK) && x.len() >= rows * k);
+        match isa {
             // SAFETY: the CPU has the features this function is compiled for.
-            return unsafe { Self::new_avx512(x, rows, k) };
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 if isa.is_supported() => unsafe { Self::new_avx512(x, rows, k) },
+            _ => Self::build(x, rows, k),
         }
-        Self::build(x, rows, k)
     }
 
     /// [`Self::build`] in AVX-512 intrinsics, one block of 32 per iteration, with the same
     /// values: the maximum is exact whatever the order, and rounding half away from zero is done
     /// as `trunc(t + copysign(0.5 − ulp, t))`, which equals `f32::round` for these magnitudes.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f,avx512bw")]
-    unsafe fn new_avx512(x: &[f32], rows: usize, k: usize) -> Self {
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq")]
+    fn new_avx512(x: &[f32], rows: usize, k: usize) -> Self {
         use std::arch::x86_64::*;
         let blocks = rows * k / BLOCK;
-        assert!(x.len() >= rows * k);
+        assert!(k.is_multiple_of(BLOCK) && x.len() >= rows * k);
         let mut quads = vec![0i32; rows * k / QUAD];
         let mut scales = vec![0.0f32; blocks];
         let mut corrections = vec![0i32; blocks];
@@ -190,8 +214,9 @@ impl QuantizedRows {
         let almost_half = _mm512_set1_ps(0.499_999_97);
         let (low, high) = (_mm512_set1_ps(-127.0), _mm512_set1_ps(127.0));
         for b in 0..blocks {
-            let from = x.as_ptr().add(b * BLOCK);
-            let values = [_mm512_loadu_ps(from), _mm512_loadu_ps(from.add(16))];
+            let from = x[b * BLOCK..][..BLOCK].as_ptr();
+            // SAFETY: `from` starts a block of 32 floats.
+            let values = unsafe { [_mm512_loadu_ps(from), _mm512_loadu_ps(from.add(16))] };
             let max = _mm512_reduce_max_ps(_mm512_max_ps(
                 _mm512_abs_ps(values[0]),
                 _mm512_abs_ps(values[1]),
@@ -207,10 +232,9 @@ impl QuantizedRows {
                 );
                 let q = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(rounded, low), high));
                 sum = _mm512_add_epi32(sum, q);
-                _mm_storeu_si128(
-                    quads.as_mut_ptr().add(b * BLOCK / QUAD + half * 4) as *mut __m128i,
-                    _mm512_cvtepi32_epi8(q),
-                );
+                let to = quads[b * BLOCK / QUAD + half * 4..][..4].as_mut_ptr();
+                // SAFETY: `to` starts four words (16 bytes) of `quads`.
+                unsafe { _mm_storeu_si128(to.cast::<__m128i>(), _mm512_cvtepi32_epi8(q)) };
             }
             scales[b] = scale;
             corrections[b] = -OFFSET * _mm512_reduce_add_epi32(sum);
@@ -301,7 +325,7 @@ fn tile_portable(
 /// outputs two at a time, rows four at a time.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn tile_avx512(
+fn tile_avx512(
     m: &Q8Matrix,
     a: &QuantizedRows,
     start: usize,
@@ -317,7 +341,6 @@ unsafe fn tile_avx512(
         let mut r = 0;
         while r < a.rows {
             let take = (a.rows - r).min(4);
-            // SAFETY (all arms): `group` and the rows `r..r + take` are in range.
             let done = match (pair, take) {
                 (true, 4) => store::<4, 2>(m, a, group, r, start, end, bias, tile, width),
                 (true, 3) => store::<3, 2>(m, a, group, r, start, end, bias, tile, width),
@@ -335,11 +358,11 @@ unsafe fn tile_avx512(
 }
 
 /// Computes rows `r..r + RG` for the `CG` groups of outputs from `group`, and writes those inside
-/// `start..end` into `tile`; returns `RG`.
+/// `start..end` into `tile`; returns `RG`. Panics unless those groups and rows exist.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn store<const RG: usize, const CG: usize>(
+fn store<const RG: usize, const CG: usize>(
     m: &Q8Matrix,
     a: &QuantizedRows,
     group: usize,
@@ -352,57 +375,73 @@ unsafe fn store<const RG: usize, const CG: usize>(
 ) -> usize {
     use std::arch::x86_64::*;
     let (quads, blocks) = (m.k / QUAD, m.k / BLOCK);
-    assert!((group + CG) * LANES <= m.quants.len() / m.k && (r + RG) <= a.rows);
-    let weights = m.quants.as_ptr().add(group * quads * LANES * QUAD);
-    let scales = m.scales.as_ptr().add(group * blocks * LANES);
-    let x_quads = a.quads.as_ptr().add(r * quads);
+    assert!(
+        (group + CG) * LANES * m.k <= m.quants.len()
+            && (group + CG) * LANES * blocks <= m.scales.len()
+            && r + RG <= a.rows
+            && a.quads.len() == a.rows * quads
+            && a.scales.len() == a.rows * blocks
+            && a.corrections.len() == a.rows * blocks,
+        "q8_0 tile: groups {group}+{CG} or rows {r}+{RG} out of range"
+    );
+    let weights = m.quants[group * quads * LANES * QUAD..].as_ptr();
+    let scales = m.scales[group * blocks * LANES..].as_ptr();
+    let x_quads = a.quads[r * quads..].as_ptr();
     let mut acc = [[_mm512_setzero_ps(); CG]; RG];
-    for b in 0..blocks {
-        let mut sums = [[_mm512_setzero_si512(); CG]; RG];
-        for (row, sums) in sums.iter_mut().enumerate() {
-            let correction =
-                _mm512_set1_epi32(*a.corrections.get_unchecked((r + row) * blocks + b));
-            *sums = [correction; CG];
-        }
-        for quad in b * BLOCK / QUAD..(b + 1) * BLOCK / QUAD {
-            let mut w = [_mm512_setzero_si512(); CG];
-            for (c, w) in w.iter_mut().enumerate() {
-                *w = _mm512_loadu_si512(weights.add((c * quads + quad) * LANES * QUAD) as *const _);
-                if r == 0 {
-                    // The first row group asks for the next groups' line into L2 (as the f32
-                    // kernel does); past the matrix's end a prefetch is a no-op.
-                    let next = weights.wrapping_add(((CG + c) * quads + quad) * LANES * QUAD);
-                    _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
-                }
-            }
+    // SAFETY: the assertion above bounds every read: weights and scales of groups
+    // `group..group + CG` (`c < CG`, `quad < quads`, `b < blocks`), activations of rows
+    // `r..r + RG` (`row < RG`); prefetches past the end do not fault.
+    unsafe {
+        for b in 0..blocks {
+            let mut sums = [[_mm512_setzero_si512(); CG]; RG];
             for (row, sums) in sums.iter_mut().enumerate() {
-                let x = _mm512_set1_epi32(*x_quads.add(row * quads + quad));
-                for (sum, w) in sums.iter_mut().zip(&w) {
-                    *sum = _mm512_dpbusd_epi32(*sum, *w, x);
+                let correction =
+                    _mm512_set1_epi32(*a.corrections.get_unchecked((r + row) * blocks + b));
+                *sums = [correction; CG];
+            }
+            for quad in b * BLOCK / QUAD..(b + 1) * BLOCK / QUAD {
+                let mut w = [_mm512_setzero_si512(); CG];
+                for (c, w) in w.iter_mut().enumerate() {
+                    *w = _mm512_loadu_si512(
+                        weights.add((c * quads + quad) * LANES * QUAD) as *const _
+                    );
+                    if r == 0 {
+                        // The first row group asks for the next groups' line into L2 (as the f32
+                        // kernel does); past the matrix's end a prefetch is a no-op.
+                        let next = weights.wrapping_add(((CG + c) * quads + quad) * LANES * QUAD);
+                        _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
+                    }
+                }
+                for (row, sums) in sums.iter_mut().enumerate() {
+                    let x = _mm512_set1_epi32(*x_quads.add(row * quads + quad));
+                    for (sum, w) in sums.iter_mut().zip(&w) {
+                        *sum = _mm512_dpbusd_epi32(*sum, *w, x);
+                    }
                 }
             }
-        }
-        let mut scale = [_mm512_setzero_ps(); CG];
-        for (c, scale) in scale.iter_mut().enumerate() {
-            *scale = _mm512_cvtph_ps(_mm256_loadu_si256(
-                scales.add((c * blocks + b) * LANES) as *const __m256i
-            ));
-        }
-        for (row, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
-            let x_scale = _mm512_set1_ps(*a.scales.get_unchecked((r + row) * blocks + b));
-            for c in 0..CG {
-                let product = _mm512_mul_ps(
-                    _mm512_cvtepi32_ps(sums[c]),
-                    _mm512_mul_ps(scale[c], x_scale),
-                );
-                acc[c] = _mm512_add_ps(acc[c], product);
+            let mut scale = [_mm512_setzero_ps(); CG];
+            for (c, scale) in scale.iter_mut().enumerate() {
+                *scale = _mm512_cvtph_ps(_mm256_loadu_si256(
+                    scales.add((c * blocks + b) * LANES) as *const __m256i
+                ));
+            }
+            for (row, (acc, sums)) in acc.iter_mut().zip(&sums).enumerate() {
+                let x_scale = _mm512_set1_ps(*a.scales.get_unchecked((r + row) * blocks + b));
+                for c in 0..CG {
+                    let product = _mm512_mul_ps(
+                        _mm512_cvtepi32_ps(sums[c]),
+                        _mm512_mul_ps(scale[c], x_scale),
+                    );
+                    acc[c] = _mm512_add_ps(acc[c], product);
+                }
             }
         }
     }
     for (row, acc) in acc.iter().enumerate() {
         for (c, acc) in acc.iter().enumerate() {
             let mut lanes = [0.0f32; LANES];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), *acc);
+            // SAFETY: `lanes` has room for the 16 floats stored.
+            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
             let first = (group + c) * LANES;
             for (lane, value) in lanes.iter().enumerate() {
                 let column = first + lane;
@@ -415,7 +454,11 @@ unsafe fn store<const RG: usize, const CG: usize>(
     RG
 }
 
-fn tile_dispatch(
+/// One task's outputs `start..end` with the integer kernel for `isa` (VNNI where the CPU has it),
+/// else the portable one.
+#[allow(clippy::too_many_arguments)]
+fn tile_with(
+    isa: Isa,
     m: &Q8Matrix,
     a: &QuantizedRows,
     start: usize,
@@ -426,17 +469,9 @@ fn tile_dispatch(
 ) {
     debug_assert_eq!(end - start, bias.len());
     #[cfg(target_arch = "x86_64")]
-    {
-        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let vnni = *VNNI.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512vnni")
-        });
-        if vnni && start.is_multiple_of(LANES) {
-            // SAFETY: the CPU has the features this function is compiled for.
-            return unsafe { tile_avx512(m, a, start, bias, tile, width) };
-        }
+    if isa.has_vnni() && start.is_multiple_of(LANES) {
+        // SAFETY: the CPU has the features this function is compiled for.
+        return unsafe { tile_avx512(m, a, start, bias, tile, width) };
     }
     tile_portable(m, a, start, bias, tile, width)
 }
@@ -486,18 +521,10 @@ pub(crate) fn q8_linear(x: &Tensor, w: &Q8Matrix, bias: &Tensor) -> candle_core:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn values(seed: &mut u32, count: usize) -> Vec<f32> {
-        (0..count)
-            .map(|_| {
-                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (*seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
-    }
+    use crate::kernels::test_support::values;
 
     #[test]
-    fn kernel_matches_quantized_reference_and_portable_bits() {
+    fn every_instruction_set_matches_the_quantized_reference_with_identical_bits() {
         let mut seed = 7u32;
         for (rows, n, k) in [
             (1, 4, 32),
@@ -506,10 +533,10 @@ mod tests {
             (5, 64, 768),
             (2, 17, 32),
         ] {
-            let w = values(&mut seed, n * k);
-            let x = values(&mut seed, rows * k);
-            let bias = values(&mut seed, n);
-            let q = Q8Matrix::quantize(&w, n, k);
+            let w = values(&mut seed, n * k, 0.5);
+            let x = values(&mut seed, rows * k, 0.5);
+            let bias = values(&mut seed, n, 0.5);
+            let q = Q8Matrix::quantize_with(Isa::Portable, &w, n, k);
             let dq = q.dequantize();
             for (a, b) in dq.iter().zip(&w) {
                 assert!(
@@ -517,7 +544,7 @@ mod tests {
                     "rounding within half a step"
                 );
             }
-            let activations = QuantizedRows::new(&x, rows, k);
+            let activations = QuantizedRows::new(Isa::Portable, &x, rows, k);
             let dx: Vec<f32> = (0..rows * k)
                 .map(|i| {
                     let byte = activations.quads[i / QUAD].to_le_bytes()[i % QUAD] as i8;
@@ -530,34 +557,35 @@ mod tests {
                     "activation rounding"
                 );
             }
-            let y = q.matmul(&x, rows, &bias);
-            let mut portable = vec![0.0f32; rows * n];
-            tile_portable(&q, &activations, 0, &bias, &mut portable, n);
+            let portable = q.matmul_with(Isa::Portable, &x, rows, &bias);
             for r in 0..rows {
                 for j in 0..n {
                     let reference: f32 =
                         (0..k).map(|i| dx[r * k + i] * dq[j * k + i]).sum::<f32>() + bias[j];
-                    let got = y[r * n + j];
+                    let got = portable[r * n + j];
                     assert!((got - reference).abs() < 1e-4, "({rows},{n},{k}) [{r},{j}]");
-                    assert_eq!(
-                        got.to_bits(),
-                        portable[r * n + j].to_bits(),
-                        "portable differs"
-                    );
                 }
+            }
+            for isa in Isa::available() {
+                let quantized = Q8Matrix::quantize_with(isa, &w, n, k);
+                assert_eq!(quantized.quants, q.quants, "{isa} weight quants");
+                assert_eq!(quantized.scales, q.scales, "{isa} weight scales");
+                let y = quantized.matmul_with(isa, &x, rows, &bias);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&y),
+                    bits(&portable),
+                    "{isa} differs from the portable path"
+                );
             }
         }
     }
 
     #[test]
-    #[cfg(target_arch = "x86_64")]
-    fn vector_activation_quantization_gives_the_portable_values() {
-        if !std::arch::is_x86_feature_detected!("avx512bw") {
-            return;
-        }
+    fn every_instruction_set_quantizes_activations_alike_with_ties_away_from_zero() {
         let mut seed = 3u32;
         let (rows, k) = (5, 256);
-        let mut x = values(&mut seed, rows * k);
+        let mut x = values(&mut seed, rows * k, 0.5);
         // Exact halves after scaling (ties round away from zero), zeros and a zero block.
         x[0] = 127.0;
         x[1] = 0.5;
@@ -567,12 +595,15 @@ mod tests {
         for v in &mut x[32..64] {
             *v = 0.0;
         }
-        let vector = unsafe { QuantizedRows::new_avx512(&x, rows, k) };
         let portable = QuantizedRows::build(&x, rows, k);
-        assert_eq!(vector.quads, portable.quads);
-        assert_eq!(vector.scales, portable.scales);
-        assert_eq!(vector.corrections, portable.corrections);
         assert_eq!(portable.quads[0].to_le_bytes(), [127, 1, 255, 3]);
+        assert!(portable.scales[1] == 0.0 && portable.quads[8..16].iter().all(|&q| q == 0));
+        for isa in Isa::available() {
+            let rows = QuantizedRows::new(isa, &x, rows, k);
+            assert_eq!(rows.quads, portable.quads, "{isa}");
+            assert_eq!(rows.scales, portable.scales, "{isa}");
+            assert_eq!(rows.corrections, portable.corrections, "{isa}");
+        }
     }
 
     #[test]
@@ -581,5 +612,12 @@ mod tests {
         let q = Q8Matrix::quantize(&vec![0.0; n * k], n, k);
         let y = q.matmul(&vec![0.0; 2 * k], 2, &[1.0, 2.0, 3.0]);
         assert_eq!(y, vec![1.0, 2.0, 3.0, 1.0, 2.0, 3.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "q8_0 matmul")]
+    fn inputs_of_the_wrong_width_are_refused() {
+        let q = Q8Matrix::quantize(&[0.0; 2 * 32], 2, 32);
+        q.matmul(&[0.0; 31], 1, &[0.0, 0.0]);
     }
 }

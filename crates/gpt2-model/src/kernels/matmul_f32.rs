@@ -7,10 +7,11 @@
 //!
 //! The arithmetic is written over fixed-width lane arrays, which LLVM turns into SIMD without
 //! reassociating floats; the same body is compiled for AVX-512, AVX2+FMA and baseline x86-64, and
-//! the widest the CPU has is picked at run time.
+//! the level to run is picked at run time ([`Isa`]).
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape};
-use rayon::prelude::*;
+
+use super::{by_column_ranges, Isa};
 
 /// Lanes per accumulator: one AVX-512 register, two AVX2 registers.
 const LANES: usize = 16;
@@ -19,10 +20,6 @@ const ROW_BLOCK: usize = 4;
 /// Activation rows processed together, so each weight load feeds several FMAs.
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP: usize = 4;
-/// Output columns per parallel task: large enough to amortise scheduling, small enough to
-/// spread a 768-wide projection over two cores.
-const TASK_COLUMNS: usize = 64;
-
 /// Largest number of activation rows the kernel handles; beyond it gemm wins.
 pub(crate) const MAX_ROWS: usize = 16;
 
@@ -118,6 +115,12 @@ fn dot_rows<const FMA: bool>(
 #[cfg(target_arch = "x86_64")]
 macro_rules! simd_dot_rows {
     ($name:ident, $group:ident, $features:literal, $width:expr, $vector:ty, $zero:ident, $load:ident, $fma:ident, $sum:expr) => {
+        /// `RG` activation rows from `xr` (row stride `k`) dotted with the four weight rows
+        /// from `w0` (row stride `k`).
+        ///
+        /// # Safety
+        /// The CPU has the target features; `xr` points to `RG · k` readable floats and `w0` to
+        /// `ROW_BLOCK · k`. `prefetch` may point anywhere (prefetches do not fault).
         #[target_feature(enable = $features)]
         #[inline]
         unsafe fn $group<const RG: usize>(
@@ -131,23 +134,28 @@ macro_rules! simd_dot_rows {
             let mut acc: [[$vector; ROW_BLOCK]; RG] = [[$zero(); ROW_BLOCK]; RG];
             let mut i = 0;
             while i < vector_end {
-                let w = [
-                    $load(w0.add(i)),
-                    $load(w0.add(k + i)),
-                    $load(w0.add(2 * k + i)),
-                    $load(w0.add(3 * k + i)),
-                ];
+                // SAFETY: `i + width ≤ k`, inside the caller's four weight rows.
+                let w = unsafe {
+                    [
+                        $load(w0.add(i)),
+                        $load(w0.add(k + i)),
+                        $load(w0.add(2 * k + i)),
+                        $load(w0.add(3 * k + i)),
+                    ]
+                };
                 if let Some(next) = prefetch {
                     // One prefetch per 64-byte line of each of the next block's rows, into L2:
                     // prefetching into L1 measured ~10-25% slower (it competes with the loads).
                     if (i * 4) % 64 == 0 {
                         for b in 0..ROW_BLOCK {
-                            _mm_prefetch::<_MM_HINT_T1>(next.add(b * k + i) as *const i8);
+                            // A prefetch never faults, whatever the address.
+                            _mm_prefetch::<_MM_HINT_T1>(next.wrapping_add(b * k + i) as *const i8);
                         }
                     }
                 }
                 for r in 0..RG {
-                    let xv = $load(xr.add(r * k + i));
+                    // SAFETY: `i + width ≤ k`, inside the caller's `RG` activation rows.
+                    let xv = unsafe { $load(xr.add(r * k + i)) };
                     for b in 0..ROW_BLOCK {
                         acc[r][b] = $fma(xv, w[b], acc[r][b]);
                     }
@@ -159,7 +167,9 @@ macro_rules! simd_dot_rows {
                 for b in 0..ROW_BLOCK {
                     let mut sum = $sum(acc[r][b]);
                     for t in vector_end..k {
-                        sum = (*xr.add(r * k + t)).mul_add(*w0.add(b * k + t), sum);
+                        // SAFETY: `t < k`, inside the caller's rows.
+                        let (x, w) = unsafe { (*xr.add(r * k + t), *w0.add(b * k + t)) };
+                        sum = x.mul_add(w, sum);
                     }
                     sums[r][b] = sum;
                 }
@@ -167,8 +177,10 @@ macro_rules! simd_dot_rows {
             sums
         }
 
+        /// [`dot_rows`] for one instruction set; the caller checked the slices' lengths
+        /// ([`check_lengths`]).
         #[target_feature(enable = $features)]
-        unsafe fn $name(
+        fn $name(
             x: &[f32],
             rows: usize,
             k: usize,
@@ -178,19 +190,15 @@ macro_rules! simd_dot_rows {
             stride: usize,
         ) {
             let n = bias.len();
-            assert!(
-                x.len() >= rows * k
-                    && w.len() >= n * k
-                    && out.len() >= (rows.max(1) - 1) * stride + n
-            );
+            check_lengths(x, rows, k, w, n, out, stride);
             let mut j = 0;
             while j + ROW_BLOCK <= n {
-                let w0 = w.as_ptr().add(j * k);
-                let next = (j + 2 * ROW_BLOCK <= n).then(|| w0.add(ROW_BLOCK * k));
+                let w0 = w[j * k..].as_ptr();
+                let next = (j + 2 * ROW_BLOCK <= n).then(|| w0.wrapping_add(ROW_BLOCK * k));
                 let mut r = 0;
                 while r < rows {
                     let group = ROW_GROUP.min(rows - r);
-                    let xr = x.as_ptr().add(r * k);
+                    let xr = x[r * k..].as_ptr();
                     let prefetch = if r == 0 { next } else { None };
                     let mut store = |sums: &[[f32; ROW_BLOCK]]| {
                         for (g, row) in sums.iter().enumerate() {
@@ -199,11 +207,16 @@ macro_rules! simd_dot_rows {
                             }
                         }
                     };
-                    match group {
-                        4 => store(&$group::<4>(xr, k, w0, prefetch)),
-                        3 => store(&$group::<3>(xr, k, w0, prefetch)),
-                        2 => store(&$group::<2>(xr, k, w0, prefetch)),
-                        _ => store(&$group::<1>(xr, k, w0, prefetch)),
+                    // SAFETY: this function has the target features; `check_lengths` showed that
+                    // `x` holds the `group ≤ rows − r` rows from `xr` and `w` the `ROW_BLOCK`
+                    // rows from `w0` (`j + ROW_BLOCK ≤ n`), `k` floats each.
+                    unsafe {
+                        match group {
+                            4 => store(&$group::<4>(xr, k, w0, prefetch)),
+                            3 => store(&$group::<3>(xr, k, w0, prefetch)),
+                            2 => store(&$group::<2>(xr, k, w0, prefetch)),
+                            _ => store(&$group::<1>(xr, k, w0, prefetch)),
+                        }
                     }
                     r += group;
                 }
@@ -218,10 +231,34 @@ macro_rules! simd_dot_rows {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn sum_avx2(v: std::arch::x86_64::__m256) -> f32 {
+fn sum_avx2(v: std::arch::x86_64::__m256) -> f32 {
     let mut lanes = [0.0f32; 8];
-    std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v);
+    // SAFETY: `lanes` has room for the 8 floats stored.
+    unsafe { std::arch::x86_64::_mm256_storeu_ps(lanes.as_mut_ptr(), v) };
     lanes.iter().sum()
+}
+
+/// Panics unless `x` holds `rows` rows of `k`, `w` holds `n` rows of `k`, and `out` holds `rows`
+/// rows of stride `stride` with room for `n` values each: what the SIMD bodies read and write
+/// through raw pointers.
+fn check_lengths(
+    x: &[f32],
+    rows: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    out: &[f32],
+    stride: usize,
+) {
+    assert!(
+        x.len() >= rows * k
+            && w.len() >= n * k
+            && (rows == 0 || (stride >= n && out.len() >= (rows - 1) * stride + n)),
+        "f32 matmul: {rows}×{k} input ({}), {n}×{k} weights ({}), output {} at stride {stride}",
+        x.len(),
+        w.len(),
+        out.len()
+    );
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -250,36 +287,10 @@ simd_dot_rows!(
     |v| sum_avx2(v)
 );
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Baseline,
-}
-
-fn detect_isa() -> Isa {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f")
-            && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx512;
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            return Isa::Avx2;
-        }
-    }
-    Isa::Baseline
-}
-
-fn isa() -> Isa {
-    static ISA: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
-    *ISA.get_or_init(detect_isa)
-}
-
-/// Dispatches one task to the widest instruction set available.
-fn dot_rows_dispatch(
+/// Dispatches one task to the body compiled for `isa`, or the portable one if the CPU lacks it.
+#[allow(clippy::too_many_arguments)]
+fn dot_rows_with(
+    isa: Isa,
     x: &[f32],
     rows: usize,
     k: usize,
@@ -288,12 +299,18 @@ fn dot_rows_dispatch(
     out: &mut [f32],
     stride: usize,
 ) {
-    match isa() {
-        // SAFETY: the CPU was checked for these features.
+    check_lengths(x, rows, k, w, bias.len(), out, stride);
+    match isa {
+        // SAFETY: the CPU was checked for the features these functions are compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => unsafe { dot_rows_avx512(x, rows, k, w, bias, out, stride) },
+        Isa::Avx512 if isa.is_supported() => unsafe {
+            dot_rows_avx512(x, rows, k, w, bias, out, stride)
+        },
+        // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => unsafe { dot_rows_avx2(x, rows, k, w, bias, out, stride) },
+        Isa::Avx2 if isa.is_supported() => unsafe {
+            dot_rows_avx2(x, rows, k, w, bias, out, stride)
+        },
         _ => dot_rows::<false>(x, rows, k, w, bias, out, stride),
     }
 }
@@ -308,6 +325,25 @@ pub(crate) fn small_rows_matmul(
     k: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
+    small_rows_matmul_with(Isa::active(), x, rows, w, n, k, bias)
+}
+
+/// [`small_rows_matmul`] on the kernel compiled for `isa`.
+pub(crate) fn small_rows_matmul_with(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    assert!(
+        x.len() >= rows * k && w.len() >= n * k && bias.is_none_or(|b| b.len() >= n),
+        "f32 matmul: {rows}×{k} input ({}), {n}×{k} weights ({})",
+        x.len(),
+        w.len()
+    );
     let zeros;
     let bias = match bias {
         Some(b) => b,
@@ -317,7 +353,8 @@ pub(crate) fn small_rows_matmul(
         }
     };
     by_column_ranges(rows, n, |start, end, tile, width| {
-        dot_rows_dispatch(
+        dot_rows_with(
+            isa,
             x,
             rows,
             k,
@@ -327,36 +364,6 @@ pub(crate) fn small_rows_matmul(
             width,
         )
     })
-}
-
-/// Splits the `n` output columns of a `(rows, n)` result into ranges computed in parallel: each
-/// task fills a `(rows, width)` tile for columns `start..end` (row stride `width`), and the tiles
-/// are copied into place.
-pub(crate) fn by_column_ranges(
-    rows: usize,
-    n: usize,
-    compute: impl Fn(usize, usize, &mut [f32], usize) + Sync,
-) -> Vec<f32> {
-    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_COLUMNS))
-        .into_par_iter()
-        .map(|task| {
-            let start = task * TASK_COLUMNS;
-            let end = (start + TASK_COLUMNS).min(n);
-            let width = end - start;
-            let mut tile = vec![0.0f32; rows * width];
-            compute(start, end, &mut tile, width);
-            (start, tile)
-        })
-        .collect();
-    let mut y = vec![0.0f32; rows * n];
-    for (start, tile) in tiles {
-        let width = tile.len() / rows.max(1);
-        for r in 0..rows {
-            y[r * n + start..r * n + start + width]
-                .copy_from_slice(&tile[r * width..(r + 1) * width]);
-        }
-    }
-    y
 }
 
 /// `x · wᵀ + b` as a candle op, for `x` with at most [`MAX_ROWS`] rows.
@@ -405,6 +412,7 @@ impl CustomOp3 for SmallRowsMatmul {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::test_support::values;
 
     fn reference(x: &[f32], rows: usize, w: &[f32], n: usize, k: usize, bias: &[f32]) -> Vec<f32> {
         let mut y = vec![0.0f32; rows * n];
@@ -421,27 +429,39 @@ mod tests {
     }
 
     #[test]
-    fn matches_a_plain_matmul_for_awkward_shapes() {
+    fn every_instruction_set_matches_a_plain_matmul_for_awkward_shapes() {
         let mut seed = 1u32;
-        let mut next = || {
-            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-            (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        };
         for (rows, n, k) in [
             (1, 1, 1),
             (3, 7, 33),
             (16, 130, 768),
             (5, 64, 17),
             (2, 257, 64),
+            (7, 9, 8),
         ] {
-            let x: Vec<f32> = (0..rows * k).map(|_| next()).collect();
-            let w: Vec<f32> = (0..n * k).map(|_| next()).collect();
-            let b: Vec<f32> = (0..n).map(|_| next()).collect();
-            let ours = small_rows_matmul(&x, rows, &w, n, k, Some(&b));
+            let x = values(&mut seed, rows * k, 0.5);
+            let w = values(&mut seed, n * k, 0.5);
+            let b = values(&mut seed, n, 0.5);
             let expected = reference(&x, rows, &w, n, k, &b);
-            for (o, e) in ours.iter().zip(&expected) {
-                assert!((o - e).abs() < 1e-4, "({rows},{n},{k}): {o} vs {e}");
+            for isa in Isa::available() {
+                let ours = small_rows_matmul_with(isa, &x, rows, &w, n, k, Some(&b));
+                for (o, e) in ours.iter().zip(&expected) {
+                    assert!((o - e).abs() < 1e-4, "{isa} ({rows},{n},{k}): {o} vs {e}");
+                }
+            }
+            let unbiased = small_rows_matmul(&x, rows, &w, n, k, None);
+            let zeros = vec![0.0; n];
+            for (o, e) in unbiased.iter().zip(reference(&x, rows, &w, n, k, &zeros)) {
+                assert!((o - e).abs() < 1e-4, "no bias ({rows},{n},{k})");
             }
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "f32 matmul")]
+    fn short_weights_are_refused_before_any_pointer_read() {
+        let x = vec![0.0; 2 * 16];
+        let w = vec![0.0; 3 * 16];
+        small_rows_matmul_with(Isa::detect(), &x, 2, &w, 4, 16, None);
     }
 }

@@ -5,29 +5,13 @@
 //! selected), so LLVM vectorizes it; it stays within a few float ulps of `tanhf`.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor};
+use gpt2_simd::exp;
 use rayon::prelude::*;
+
+use super::Isa;
 
 /// Elements per parallel task, for prefill-sized inputs.
 const TASK_ELEMENTS: usize = 1 << 16;
-
-/// `e^x` within an ulp or two (Cephes `expf`: range reduction by `ln 2`, degree-6 polynomial),
-/// branch-free so that it vectorizes. Inputs are clamped to `[−87, 88]`, where `e^x` is a normal
-/// float: below, the result is `e^−87` rather than a subnormal or 0.
-#[inline(always)]
-pub(crate) fn exp(x: f32) -> f32 {
-    const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HIGH: f32 = 0.693_359_4;
-    const LN2_LOW: f32 = -2.121_944_4e-4;
-    let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2_E).round();
-    let r = x - n * LN2_HIGH - n * LN2_LOW;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
-    let mantissa = p * r * r + r + 1.0;
-    mantissa * f32::from_bits(((n as i32 + 127) as u32) << 23)
-}
 
 /// `tanh(x)` (Cephes `tanhf`: an odd polynomial below 0.625, `1 − 2/(e^{2|x|} + 1)` above).
 #[inline(always)]
@@ -59,31 +43,32 @@ fn gelu_tanh_body(values: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn gelu_tanh_avx512(values: &mut [f32]) {
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn gelu_tanh_avx512(values: &mut [f32]) {
     gelu_tanh_body(values)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn gelu_tanh_avx2(values: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn gelu_tanh_avx2(values: &mut [f32]) {
     gelu_tanh_body(values)
 }
 
-fn gelu_tanh_serial(values: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has the feature this function is compiled for.
-            return unsafe { gelu_tanh_avx512(values) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: as above.
-            return unsafe { gelu_tanh_avx2(values) };
-        }
+/// `gelu_new` in place, on one thread, with the body compiled for `isa`.
+fn gelu_tanh_serial_with(isa: Isa, values: &mut [f32]) {
+    match isa {
+        // SAFETY: the CPU has the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.is_supported() => unsafe { gelu_tanh_avx512(values) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_supported() => unsafe { gelu_tanh_avx2(values) },
+        _ => gelu_tanh_body(values),
     }
-    gelu_tanh_body(values)
+}
+
+fn gelu_tanh_serial(values: &mut [f32]) {
+    gelu_tanh_serial_with(Isa::active(), values)
 }
 
 /// Applies `gelu_new` in place.
@@ -139,41 +124,23 @@ mod tests {
     }
 
     #[test]
-    fn exp_is_within_two_ulps() {
-        for i in -8_700..=8_800 {
-            let x = i as f32 * 0.01;
-            let want = f64::from(x).exp();
-            let got = f64::from(exp(x));
-            assert!(
-                (got - want).abs() <= 2.0 * f64::from(f32::EPSILON) * want,
-                "exp({x})"
-            );
-        }
-        assert_eq!(exp(f32::NEG_INFINITY), exp(-87.0));
-    }
-
-    #[test]
     fn matches_the_exact_formula_to_float_precision() {
         let inputs: Vec<f32> = (-40_000..=40_000)
             .map(|i| i as f32 * 3e-4)
             .chain([-1e4, -100.0, -12.0, 12.0, 100.0, 1e4, 0.0, -0.0])
             .collect();
-        let mut fast = inputs.clone();
-        gelu_tanh_in_place(&mut fast);
-        let mut portable = inputs.clone();
-        gelu_tanh_body(&mut portable);
-        for ((x, got), plain) in inputs.iter().zip(&fast).zip(&portable) {
-            let want = reference(*x);
-            // tanh near ±1 is only known to an ulp of 1, which 0.5·x scales.
-            let tolerance = f32::EPSILON * (x.abs() + 4.0 * want.abs());
-            assert!(
-                (got - want).abs() <= tolerance,
-                "gelu({x}) = {got}, want {want}"
-            );
-            assert!(
-                (plain - want).abs() <= tolerance,
-                "portable gelu({x}) = {plain}"
-            );
+        for isa in Isa::available() {
+            let mut got = inputs.clone();
+            gelu_tanh_serial_with(isa, &mut got);
+            for (x, got) in inputs.iter().zip(&got) {
+                let want = reference(*x);
+                // tanh near ±1 is only known to an ulp of 1, which 0.5·x scales.
+                let tolerance = f32::EPSILON * (x.abs() + 4.0 * want.abs());
+                assert!(
+                    (got - want).abs() <= tolerance,
+                    "{isa}: gelu({x}) = {got}, want {want}"
+                );
+            }
         }
     }
 

@@ -1,0 +1,71 @@
+//! The hand-written CPU kernels of a decode step, one file per family, each with its portable
+//! reference beside its SIMD versions:
+//!
+//! | file | what |
+//! | --- | --- |
+//! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` |
+//! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
+//! | `attention.rs` | one query per head over its cached keys and values |
+//! | `activation.rs` | `gelu_new` without libm |
+//!
+//! Every family follows one pattern: a safe `*_with(isa, …)` entry point checks the slice
+//! lengths its SIMD bodies rely on and runs the body compiled for that [`Isa`] (falling back to
+//! the portable one when the CPU lacks it); the plain entry point passes [`Isa::active`], which
+//! `GPT2_ISA` can pin. Tests call `*_with` for every level the CPU has and compare each with a
+//! plain reference, so no path goes untested on a wide machine.
+
+pub(crate) mod activation;
+pub(crate) mod attention;
+pub(crate) mod matmul_f32;
+pub(crate) mod q8_0;
+
+pub(crate) use gpt2_simd::Isa;
+use rayon::prelude::*;
+
+/// Output columns per parallel task: large enough to amortise scheduling, small enough to
+/// spread a 768-wide projection over two cores.
+const TASK_COLUMNS: usize = 64;
+
+/// Splits the `n` output columns of a `(rows, n)` result into ranges computed in parallel: each
+/// task fills a `(rows, width)` tile for columns `start..end` (row stride `width`), and the tiles
+/// are copied into place.
+pub(crate) fn by_column_ranges(
+    rows: usize,
+    n: usize,
+    compute: impl Fn(usize, usize, &mut [f32], usize) + Sync,
+) -> Vec<f32> {
+    let tiles: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(TASK_COLUMNS))
+        .into_par_iter()
+        .map(|task| {
+            let start = task * TASK_COLUMNS;
+            let end = (start + TASK_COLUMNS).min(n);
+            let width = end - start;
+            let mut tile = vec![0.0f32; rows * width];
+            compute(start, end, &mut tile, width);
+            (start, tile)
+        })
+        .collect();
+    let mut y = vec![0.0f32; rows * n];
+    for (start, tile) in tiles {
+        let width = tile.len() / rows.max(1);
+        for r in 0..rows {
+            y[r * n + start..r * n + start + width]
+                .copy_from_slice(&tile[r * width..(r + 1) * width]);
+        }
+    }
+    y
+}
+
+/// Deterministic inputs for the kernel tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// `count` values spread uniformly over `[−amplitude, amplitude)` by a fixed LCG.
+    pub(crate) fn values(seed: &mut u32, count: usize, amplitude: f32) -> Vec<f32> {
+        (0..count)
+            .map(|_| {
+                *seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                ((*seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * amplitude
+            })
+            .collect()
+    }
+}

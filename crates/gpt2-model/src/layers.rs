@@ -1,0 +1,139 @@
+//! The pre-norm transformer block and its parts other than attention: layer norm and the MLP.
+//! Each has `load` (from a checkpoint's named tensors), `forward` (a prefill: `(batch, new,
+//! n_embd)`) and `forward_step` (a decode step: `(rows, n_embd)`, through the streaming kernels).
+
+use candle_core::Tensor;
+
+use crate::attention::Attention;
+use crate::kernels::activation;
+use crate::linear::Conv1D;
+use crate::weights::NamedTensors;
+use crate::{Activation, Gpt2Config, KvCache, ModelError};
+
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    pub(crate) fn load(
+        weights: &mut NamedTensors,
+        prefix: &str,
+        cfg: &Gpt2Config,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            weight: weights.take(&format!("{prefix}.weight"), &[cfg.n_embd])?,
+            bias: weights.take(&format!("{prefix}.bias"), &[cfg.n_embd])?,
+            eps: cfg.layer_norm_epsilon as f32,
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Mlp {
+    pub(crate) c_fc: Conv1D,
+    pub(crate) c_proj: Conv1D,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn load(
+        weights: &mut NamedTensors,
+        prefix: &str,
+        cfg: &Gpt2Config,
+    ) -> Result<Self, ModelError> {
+        Ok(Self {
+            c_fc: Conv1D::load(weights, &format!("{prefix}.c_fc"), cfg.n_embd, cfg.n_inner)?,
+            c_proj: Conv1D::load(
+                weights,
+                &format!("{prefix}.c_proj"),
+                cfg.n_inner,
+                cfg.n_embd,
+            )?,
+            activation: cfg.activation,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let (batch, new, n_embd) = xs.dims3()?;
+        let hidden = self.c_fc.forward(&xs.reshape((batch * new, n_embd))?)?;
+        self.c_proj
+            .forward(&self.activate(hidden)?)?
+            .reshape((batch, new, n_embd))
+    }
+
+    /// `xs`: `(rows, n_embd)`, through the decode kernel.
+    fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
+        let hidden = self.c_fc.forward_step(xs)?;
+        self.c_proj.forward_step(&self.activate(hidden)?)
+    }
+
+    fn activate(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
+        Ok(match self.activation {
+            Activation::GeluTanh => activation::gelu_tanh(&hidden)?,
+            Activation::GeluErf => hidden.gelu_erf()?,
+            Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
+            Activation::Relu => hidden.relu()?,
+            Activation::Silu => candle_nn::ops::silu(&hidden)?,
+            Activation::Tanh => hidden.tanh()?,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Block {
+    pub(crate) ln_1: LayerNorm,
+    pub(crate) attn: Attention,
+    pub(crate) ln_2: LayerNorm,
+    pub(crate) mlp: Mlp,
+}
+
+impl Block {
+    pub(crate) fn load(
+        weights: &mut NamedTensors,
+        idx: usize,
+        cfg: &Gpt2Config,
+    ) -> Result<Self, ModelError> {
+        let prefix = format!("h.{idx}");
+        Ok(Self {
+            ln_1: LayerNorm::load(weights, &format!("{prefix}.ln_1"), cfg)?,
+            attn: Attention::load(weights, &format!("{prefix}.attn"), idx, cfg)?,
+            ln_2: LayerNorm::load(weights, &format!("{prefix}.ln_2"), cfg)?,
+            mlp: Mlp::load(weights, &format!("{prefix}.mlp"), cfg)?,
+        })
+    }
+
+    pub(crate) fn forward(
+        &self,
+        xs: &Tensor,
+        cache: &mut KvCache,
+        layer: usize,
+        mask: Option<&Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let xs = (xs
+            + self
+                .attn
+                .forward(&self.ln_1.forward(xs)?, cache, layer, mask)?)?;
+        &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
+    }
+
+    /// One decode step, `xs`: `(rows, n_embd)`.
+    pub(crate) fn forward_step(
+        &self,
+        xs: &Tensor,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let attended = self
+            .attn
+            .forward_step(&self.ln_1.forward(xs)?, caches, layer)?;
+        let xs = (xs + attended)?;
+        &xs + self.mlp.forward_step(&self.ln_2.forward(&xs)?)?
+    }
+}
