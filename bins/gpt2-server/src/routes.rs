@@ -183,7 +183,7 @@ async fn invocations(
         check_content_type(&headers)?;
         let body = read_body(body)?;
         let request = GenerationRequest::from_json(&body, &state.limits)?;
-        mode = Some(request.mode.name());
+        mode = Some(request.mode().name());
         Ok::<_, ApiError>(state.engine.generate(request).await?)
     }
     .await;

@@ -20,16 +20,22 @@
 //! assert!(texts[0].starts_with("Hello, my name is"));
 //! ```
 
+mod events;
 mod pipeline;
 mod run;
 mod worker;
 
+pub use events::{FinishReason, GenerationEvent, SequenceEnd, TokenEvent};
 pub use gpt2_generation::{GenerationParams, Strategy};
 pub use gpt2_model::{return_freed_memory_to_os, Isa, IsaError, KvFormat, WeightFormat, ISA_ENV};
-pub use gpt2_schema::{GenerationRequest, GenerationResponse, Limits, Mode, RequestError};
-pub use pipeline::{GenerationOutput, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
+pub use gpt2_schema::{
+    GenerationRequest, GenerationRequestBuilder, GenerationResponse, Limits, Mode, RequestError,
+};
+pub use pipeline::{GenerationOutput, GenerationStream, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
 pub use run::{generate_ids, Decoding};
-pub use worker::{Completed, Engine, EngineConfig, EngineStats, SubmitError};
+pub use worker::{
+    Completed, Engine, EngineConfig, EngineStats, EngineStream, StreamTimings, SubmitError,
+};
 
 /// Errors of loading a pipeline or serving a request.
 #[derive(Debug, thiserror::Error)]

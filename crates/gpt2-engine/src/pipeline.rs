@@ -6,7 +6,10 @@ use gpt2_model::{Gpt2Model, KvFormat, WeightFormat};
 use gpt2_schema::{GenerationRequest, Limits, RequestError};
 use gpt2_tokenizer::Gpt2Tokenizer;
 
-use crate::{run::generate_ids, EngineError};
+use std::collections::VecDeque;
+
+use crate::events::{EventBuilder, GenerationEvent};
+use crate::{Decoding, EngineError};
 
 /// Where SageMaker puts a model; the default model directory when it exists.
 pub const DEFAULT_MODEL_DIR: &str = "/opt/ml/model";
@@ -134,15 +137,74 @@ impl Pipeline {
     }
 
     /// [`Pipeline::generate`] with token counts, stopping with [`EngineError::Cancelled`] as soon
-    /// as `should_stop` answers true (it is polled between decode steps).
+    /// as `should_stop` answers true (it is polled between decode steps). Built on
+    /// [`Pipeline::stream`]: the texts are its [`crate::SequenceEnd`] texts.
     pub fn run(
         &self,
         request: &GenerationRequest,
-        should_stop: impl FnMut() -> bool,
+        mut should_stop: impl FnMut() -> bool,
     ) -> Result<GenerationOutput, EngineError> {
+        let mut stream = self.stream(request)?;
+        let prompt_tokens = stream.prompt_tokens();
+        let mut texts = vec![None; request.num_return_sequences()];
+        let mut generated_tokens = 0;
+        loop {
+            if should_stop() {
+                return Err(EngineError::Cancelled);
+            }
+            match stream.next() {
+                None => break,
+                Some(Err(e)) => return Err(e),
+                Some(Ok(GenerationEvent::Token(_))) => {}
+                Some(Ok(GenerationEvent::End(end))) => {
+                    generated_tokens += end.generated_tokens;
+                    if let Some(slot) = texts.get_mut(end.index) {
+                        *slot = Some(end.text);
+                    }
+                }
+            }
+        }
+        Ok(GenerationOutput {
+            texts: texts.into_iter().map(Option::unwrap_or_default).collect(),
+            prompt_tokens,
+            generated_tokens,
+        })
+    }
+
+    /// Answers a request as a stream of events: each generated token of each sequence, and each
+    /// sequence's end with its whole string (beam search, which knows its winners only at the
+    /// end, yields the ends alone). The prompt is tokenized and the length limits checked here,
+    /// so an invalid request fails before any event; the prefill runs at the first `next`, and
+    /// each later `next` runs at most one decode step. Dropping the stream stops the work.
+    ///
+    /// ```
+    /// use gpt2_engine::{GenerationEvent, GenerationRequest, Mode, Pipeline};
+    ///
+    /// let pipeline = Pipeline::demo();
+    /// let request = GenerationRequest::builder("Hello").mode(Mode::Greedy).max_length(8).build()?;
+    /// let mut streamed = String::new();
+    /// for event in pipeline.stream(&request)? {
+    ///     match event? {
+    ///         GenerationEvent::Token(token) if token.index == 0 => streamed.push_str(&token.text),
+    ///         GenerationEvent::End(end) if end.index == 0 => assert_eq!(end.text, format!("Hello{streamed}")),
+    ///         _ => {}
+    ///     }
+    /// }
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn stream(&self, request: &GenerationRequest) -> Result<GenerationStream<'_>, EngineError> {
         let (prompt, params) = self.prepare(request)?;
-        let outputs = generate_ids(&self.model, &prompt, params, should_stop)?;
-        self.finish(request, prompt.len(), &outputs)
+        Ok(GenerationStream {
+            pipeline: self,
+            prompt_tokens: prompt.len(),
+            state: StreamState::Prepared(prompt, params),
+            builder: EventBuilder::new(
+                &self.tokenizer,
+                request.input(),
+                request.num_return_sequences(),
+            ),
+            ready: VecDeque::new(),
+        })
     }
 
     /// Tokenizes the prompt and checks the limits that need it: the prompt's ids and the
@@ -151,7 +213,7 @@ impl Pipeline {
         &self,
         request: &GenerationRequest,
     ) -> Result<(Vec<u32>, GenerationParams), EngineError> {
-        let prompt = self.tokenizer.encode(&request.input)?;
+        let prompt = self.tokenizer.encode(request.input())?;
         let config = self.model.config();
         if prompt.is_empty() {
             return Err(RequestError::InvalidField {
@@ -173,30 +235,6 @@ impl Pipeline {
         let params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
         Ok((prompt, params))
     }
-
-    /// Turns generated ids into the response texts: the input followed by each continuation.
-    pub fn finish(
-        &self,
-        request: &GenerationRequest,
-        prompt_tokens: usize,
-        outputs: &[Vec<u32>],
-    ) -> Result<GenerationOutput, EngineError> {
-        let texts = outputs
-            .iter()
-            .map(|generated| {
-                Ok(format!(
-                    "{}{}",
-                    request.input,
-                    self.tokenizer.decode(generated)?
-                ))
-            })
-            .collect::<Result<Vec<String>, EngineError>>()?;
-        Ok(GenerationOutput {
-            texts,
-            prompt_tokens,
-            generated_tokens: outputs.iter().map(Vec::len).sum(),
-        })
-    }
 }
 
 /// A request's answer and what it cost.
@@ -208,4 +246,68 @@ pub struct GenerationOutput {
     pub prompt_tokens: usize,
     /// Tokens generated, summed over the returned sequences.
     pub generated_tokens: usize,
+}
+
+/// A request's events, from [`Pipeline::stream`].
+pub struct GenerationStream<'p> {
+    pipeline: &'p Pipeline,
+    prompt_tokens: usize,
+    state: StreamState,
+    builder: EventBuilder<'p>,
+    ready: VecDeque<GenerationEvent>,
+}
+
+enum StreamState {
+    Prepared(Vec<u32>, GenerationParams),
+    Running(Decoding),
+    Done,
+}
+
+impl GenerationStream<'_> {
+    /// Tokens in the prompt.
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    /// Runs the prefill or one decode step, queueing its events.
+    fn advance(&mut self) -> Result<(), EngineError> {
+        let model = self.pipeline.model();
+        let decoding = match std::mem::replace(&mut self.state, StreamState::Done) {
+            StreamState::Prepared(prompt, params) => Decoding::start(model, &prompt, params)?,
+            StreamState::Running(mut decoding) => {
+                decoding.step(model)?;
+                decoding
+            }
+            StreamState::Done => return Ok(()),
+        };
+        let mut events = Vec::new();
+        self.builder.on_emitted(decoding.emitted(), &mut events)?;
+        if decoding.is_done() {
+            let eos = decoding.eos_token_id();
+            self.builder
+                .on_outputs(decoding.into_outputs(), eos, &mut events)?;
+        } else {
+            self.state = StreamState::Running(decoding);
+        }
+        self.ready.extend(events);
+        Ok(())
+    }
+}
+
+impl Iterator for GenerationStream<'_> {
+    type Item = Result<GenerationEvent, EngineError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            if let Some(event) = self.ready.pop_front() {
+                return Some(Ok(event));
+            }
+            if matches!(self.state, StreamState::Done) {
+                return None;
+            }
+            if let Err(e) = self.advance() {
+                return Some(Err(e));
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
 use candle_core::Tensor;
-use gpt2_generation::{GenerationParams, Generator};
+use gpt2_generation::{Emitted, GenerationParams, Generator};
 use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError};
 
 use crate::EngineError;
@@ -50,6 +50,17 @@ impl Decoding {
         &self.pending
     }
 
+    /// The tokens the last prefill or step chose, one per returned sequence that ran (none in
+    /// beam search until [`Decoding::into_outputs`]).
+    pub fn emitted(&self) -> &[Emitted] {
+        self.generator.emitted()
+    }
+
+    /// The end-of-sequence token generation stops at.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.generator.eos_token_id()
+    }
+
     /// The cache the next decode step extends.
     pub fn cache_mut(&mut self) -> &mut KvCache {
         &mut self.cache
@@ -90,9 +101,16 @@ pub fn generate_ids(
         if should_stop() {
             return Err(EngineError::Cancelled);
         }
-        let tokens = decoding.pending_tokens().to_vec();
-        let logits = model.forward_step(&tokens, &mut [decoding.cache_mut()])?;
-        decoding.advance(&logits)?;
+        decoding.step(model)?;
     }
     Ok(decoding.into_outputs())
+}
+
+impl Decoding {
+    /// Runs one decode step of this request alone (the worker batches requests instead).
+    pub fn step(&mut self, model: &Gpt2Model) -> Result<(), EngineError> {
+        let tokens = self.pending.clone();
+        let logits = model.forward_step(&tokens, &mut [&mut self.cache])?;
+        self.advance(&logits)
+    }
 }

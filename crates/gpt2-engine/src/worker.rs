@@ -1,14 +1,21 @@
 //! The inference worker: one thread owns the pipeline; requests reach it through a bounded
-//! admission count and a channel, and wait for their answer without blocking the async runtime.
+//! admission count and a channel, and their events come back on a channel of their own, so a
+//! caller can stream them ([`Engine::stream`]) or wait for the whole answer ([`Engine::generate`],
+//! built on the stream) without blocking the async runtime.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::task::{Context, Poll};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use futures_core::Stream;
 use gpt2_schema::GenerationRequest;
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc as channel, OwnedSemaphorePermit, Semaphore};
 
+use crate::events::{EventBuilder, GenerationEvent};
 use crate::{Decoding, EngineError, GenerationOutput, Pipeline};
 
 /// How the worker admits and bounds requests.
@@ -55,6 +62,20 @@ pub struct Completed {
     pub queued: Duration,
     /// Time spent generating.
     pub generation: Duration,
+    /// From admission to the first event (the first token, or a beam search's first sequence).
+    pub first_token: Option<Duration>,
+}
+
+/// What the worker tells a request's stream.
+enum WorkerMessage {
+    /// The worker took the request: its prefill starts now.
+    Started {
+        queued: Duration,
+        prompt_tokens: usize,
+    },
+    Event(GenerationEvent),
+    Finished,
+    Failed(EngineError),
 }
 
 struct Job {
@@ -62,10 +83,17 @@ struct Job {
     cancelled: Arc<AtomicBool>,
     deadline: Instant,
     admitted: Instant,
-    reply: oneshot::Sender<Result<Completed, EngineError>>,
+    events: channel::UnboundedSender<WorkerMessage>,
 }
 
-/// Sets the flag when dropped: a handler dropped mid-request (its client went away, or its
+impl Job {
+    /// Sends to the request's stream; a stream that is gone was cancelled by its drop already.
+    fn send(&self, message: WorkerMessage) {
+        let _ = self.events.send(message);
+    }
+}
+
+/// Sets the flag when dropped: a stream dropped mid-request (its client went away, or its
 /// deadline fired) stops its generation at the next step.
 struct CancelOnDrop(Arc<AtomicBool>);
 
@@ -151,11 +179,13 @@ impl Engine {
         self.config.queue_capacity.max(1) - self.admission.available_permits()
     }
 
-    /// Queues a request and waits for its answer. Refused at once with
-    /// [`SubmitError::QueueFull`] when the queue is full. Dropping the returned future (the
-    /// client went away) frees the place and stops the generation.
-    pub async fn generate(&self, request: GenerationRequest) -> Result<Completed, SubmitError> {
-        let _permit: OwnedSemaphorePermit =
+    /// Queues a request and returns the stream of its events, or refuses it at once with
+    /// [`SubmitError::QueueFull`] when the queue is full. The stream ends after the last
+    /// sequence's [`GenerationEvent::End`], or with one error (the request's own, a passed
+    /// deadline, a stopped worker). Dropping it (the client went away) frees the place and stops
+    /// the generation at the next step.
+    pub fn stream(&self, request: GenerationRequest) -> Result<EngineStream, SubmitError> {
+        let permit =
             self.admission
                 .clone()
                 .try_acquire_owned()
@@ -163,27 +193,158 @@ impl Engine {
                     capacity: self.config.queue_capacity,
                 })?;
         let cancelled = Arc::new(AtomicBool::new(false));
-        let _cancel_on_drop = CancelOnDrop(cancelled.clone());
         let admitted = Instant::now();
         let deadline = admitted + self.config.deadline;
-        let (reply, answer) = oneshot::channel();
+        let (events, receiver) = channel::unbounded_channel();
         self.jobs
             .send(Job {
                 request,
-                cancelled,
+                cancelled: cancelled.clone(),
                 deadline,
                 admitted,
-                reply,
+                events,
             })
             .map_err(|_| SubmitError::WorkerGone)?;
-        match tokio::time::timeout_at(deadline.into(), answer).await {
-            Ok(Ok(Ok(completed))) => Ok(completed),
-            Ok(Ok(Err(EngineError::DeadlineExceeded))) | Err(_) => {
-                Err(SubmitError::DeadlineExceeded(self.config.deadline))
+        Ok(EngineStream {
+            receiver,
+            deadline,
+            deadline_timer: None,
+            deadline_length: self.config.deadline,
+            admitted,
+            started: None,
+            first_event: None,
+            prompt_tokens: 0,
+            ended: false,
+            _cancel_on_drop: CancelOnDrop(cancelled),
+            _permit: permit,
+        })
+    }
+
+    /// Queues a request and waits for its whole answer: [`Engine::stream`], collected.
+    pub async fn generate(&self, request: GenerationRequest) -> Result<Completed, SubmitError> {
+        let mut texts = vec![None; request.num_return_sequences()];
+        let mut stream = self.stream(request)?;
+        let mut generated_tokens = 0;
+        while let Some(event) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await
+        {
+            if let GenerationEvent::End(end) = event? {
+                generated_tokens += end.generated_tokens;
+                if let Some(slot) = texts.get_mut(end.index) {
+                    *slot = Some(end.text);
+                }
             }
-            Ok(Ok(Err(e))) => Err(SubmitError::Engine(e)),
-            Ok(Err(_)) => Err(SubmitError::WorkerGone),
         }
+        let timings = stream.timings();
+        Ok(Completed {
+            output: GenerationOutput {
+                texts: texts.into_iter().map(Option::unwrap_or_default).collect(),
+                prompt_tokens: stream.prompt_tokens,
+                generated_tokens,
+            },
+            queued: timings.queued,
+            generation: timings.generation,
+            first_token: timings.first_token,
+        })
+    }
+}
+
+/// Where a request's time went, as its stream saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTimings {
+    /// From admission to the start of its prefill.
+    pub queued: Duration,
+    /// From the start of its prefill to now (or to its end, once the stream has ended).
+    pub generation: Duration,
+    /// From admission to its first event.
+    pub first_token: Option<Duration>,
+}
+
+/// The events of one request, from [`Engine::stream`]: a [`Stream`] of
+/// `Result<GenerationEvent, SubmitError>`.
+pub struct EngineStream {
+    receiver: channel::UnboundedReceiver<WorkerMessage>,
+    deadline: Instant,
+    /// Made at the first poll, so that the stream can be created outside a Tokio runtime.
+    deadline_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    deadline_length: Duration,
+    admitted: Instant,
+    started: Option<Instant>,
+    first_event: Option<Instant>,
+    prompt_tokens: usize,
+    ended: bool,
+    _cancel_on_drop: CancelOnDrop,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl EngineStream {
+    /// Tokens in the prompt (0 until the worker has taken the request).
+    pub fn prompt_tokens(&self) -> usize {
+        self.prompt_tokens
+    }
+
+    /// The request's timings so far.
+    pub fn timings(&self) -> StreamTimings {
+        let started = self.started.unwrap_or(self.admitted);
+        StreamTimings {
+            queued: started - self.admitted,
+            generation: started.elapsed(),
+            first_token: self.first_event.map(|at| at - self.admitted),
+        }
+    }
+
+    fn end(
+        &mut self,
+        item: Option<Result<GenerationEvent, SubmitError>>,
+    ) -> Poll<Option<Result<GenerationEvent, SubmitError>>> {
+        self.ended = true;
+        self.receiver.close();
+        Poll::Ready(item)
+    }
+}
+
+impl Stream for EngineStream {
+    type Item = Result<GenerationEvent, SubmitError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match this.receiver.poll_recv(cx) {
+                Poll::Ready(Some(WorkerMessage::Started {
+                    queued,
+                    prompt_tokens,
+                })) => {
+                    this.started = Some(this.admitted + queued);
+                    this.prompt_tokens = prompt_tokens;
+                }
+                Poll::Ready(Some(WorkerMessage::Event(event))) => {
+                    this.first_event.get_or_insert_with(Instant::now);
+                    return Poll::Ready(Some(Ok(event)));
+                }
+                Poll::Ready(Some(WorkerMessage::Finished)) => return this.end(None),
+                Poll::Ready(Some(WorkerMessage::Failed(EngineError::DeadlineExceeded))) => {
+                    let error = SubmitError::DeadlineExceeded(this.deadline_length);
+                    return this.end(Some(Err(error)));
+                }
+                Poll::Ready(Some(WorkerMessage::Failed(e))) => {
+                    return this.end(Some(Err(SubmitError::Engine(e))))
+                }
+                // The worker dropped the request without finishing it: it stopped (or panicked).
+                Poll::Ready(None) => return this.end(Some(Err(SubmitError::WorkerGone))),
+                Poll::Pending => break,
+            }
+        }
+        let deadline = this.deadline;
+        let timer = this
+            .deadline_timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
+        if timer.as_mut().poll(cx).is_ready() {
+            let error = SubmitError::DeadlineExceeded(this.deadline_length);
+            return this.end(Some(Err(error)));
+        }
+        Poll::Pending
     }
 }
 
@@ -192,18 +353,51 @@ impl Engine {
 const ADMISSIONS_PER_STEP: usize = 2;
 
 /// A request whose sequences are in the running batch.
-struct Running {
+struct Running<'p> {
     job: Job,
     decoding: Decoding,
-    prompt_tokens: usize,
-    started: Instant,
+    events: EventBuilder<'p>,
+}
+
+impl Running<'_> {
+    /// Sends the events of the request's last advance and, when it is done, its sequences' ends
+    /// and the end of its stream; keeps it in `still_running` otherwise.
+    fn publish(self, still_running: &mut Vec<Self>) {
+        let Running {
+            job,
+            decoding,
+            mut events,
+        } = self;
+        let mut out = Vec::new();
+        let mut result = events.on_emitted(decoding.emitted(), &mut out);
+        let done = decoding.is_done();
+        let mut decoding = Some(decoding);
+        if done && result.is_ok() {
+            if let Some(finished) = decoding.take() {
+                let eos = finished.eos_token_id();
+                result = events.on_outputs(finished.into_outputs(), eos, &mut out);
+            }
+        }
+        for event in out {
+            job.send(WorkerMessage::Event(event));
+        }
+        match (result, decoding) {
+            (Err(e), _) => job.send(WorkerMessage::Failed(e)),
+            (Ok(()), Some(decoding)) if !done => still_running.push(Running {
+                job,
+                decoding,
+                events,
+            }),
+            (Ok(()), _) => job.send(WorkerMessage::Finished),
+        }
+    }
 }
 
 /// Continuous batching: every decode step runs the pending tokens of all running requests
 /// together, so each weight is read once per step for all of them; new requests join between
 /// steps (after their own prefill) and finished ones leave at once.
 fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineStats) {
-    let mut running: Vec<Running> = Vec::new();
+    let mut running: Vec<Running<'_>> = Vec::new();
     let mut queue_open = true;
     loop {
         let mut admitted = 0;
@@ -228,30 +422,13 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
             }
             let started = Instant::now();
             if started >= job.deadline {
-                let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
+                job.send(WorkerMessage::Failed(EngineError::DeadlineExceeded));
                 continue;
             }
             admitted += 1;
-            let start = pipeline.prepare(&job.request).and_then(|(prompt, params)| {
-                Decoding::start(pipeline.model(), &prompt, params).map(|d| (prompt.len(), d))
-            });
-            match start {
-                Err(e) => {
-                    let _ = job.reply.send(Err(e));
-                }
-                Ok((prompt_tokens, decoding)) => {
-                    let request = Running {
-                        job,
-                        decoding,
-                        prompt_tokens,
-                        started,
-                    };
-                    if request.decoding.is_done() {
-                        finish(pipeline, request);
-                    } else {
-                        running.push(request);
-                    }
-                }
+            match start(pipeline, job, started) {
+                Ok(request) => request.publish(&mut running),
+                Err((job, e)) => job.send(WorkerMessage::Failed(e)),
             }
         }
         if running.is_empty() {
@@ -261,18 +438,17 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
             return;
         }
         let now = Instant::now();
-        let mut live = Vec::with_capacity(running.len());
-        for r in running.drain(..) {
+        running.retain(|r| {
             if r.job.cancelled.load(Ordering::Relaxed) {
-                continue; // the client went away: stop its generation
+                return false; // the client went away: stop its generation
             }
             if now >= r.job.deadline {
-                let _ = r.job.reply.send(Err(EngineError::DeadlineExceeded));
-                continue;
+                r.job
+                    .send(WorkerMessage::Failed(EngineError::DeadlineExceeded));
+                return false;
             }
-            live.push(r);
-        }
-        running = live;
+            true
+        });
         if running.is_empty() {
             continue;
         }
@@ -286,8 +462,39 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
     }
 }
 
-/// One decode step for every running request; answers those that finish or fail.
-fn step(pipeline: &Pipeline, running: &mut Vec<Running>) {
+/// Tokenizes and prefills a job's prompt, telling its stream that it started.
+fn start(
+    pipeline: &Pipeline,
+    job: Job,
+    started: Instant,
+) -> Result<Running<'_>, (Job, EngineError)> {
+    let prepared = pipeline.prepare(&job.request);
+    let (prompt, params) = match prepared {
+        Ok(prepared) => prepared,
+        Err(e) => return Err((job, e)),
+    };
+    job.send(WorkerMessage::Started {
+        queued: started - job.admitted,
+        prompt_tokens: prompt.len(),
+    });
+    let decoding = match Decoding::start(pipeline.model(), &prompt, params) {
+        Ok(decoding) => decoding,
+        Err(e) => return Err((job, e)),
+    };
+    let events = EventBuilder::new(
+        pipeline.tokenizer(),
+        job.request.input(),
+        job.request.num_return_sequences(),
+    );
+    Ok(Running {
+        job,
+        decoding,
+        events,
+    })
+}
+
+/// One decode step for every running request; publishes their events.
+fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
     let vocab = pipeline.model().config().vocab_size;
     let tokens: Vec<u32> = running
         .iter()
@@ -305,7 +512,8 @@ fn step(pipeline: &Pipeline, running: &mut Vec<Running>) {
             tracing::error!("decode step failed: {e}");
             let e = Arc::new(e);
             for r in running.drain(..) {
-                let _ = r.job.reply.send(Err(EngineError::DecodeStep(e.clone())));
+                r.job
+                    .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
             }
             return;
         }
@@ -316,32 +524,11 @@ fn step(pipeline: &Pipeline, running: &mut Vec<Running>) {
         let rows = &logits[offset * vocab..(offset + count) * vocab];
         offset += count;
         match request.decoding.advance(rows) {
-            Err(e) => {
-                let _ = request.job.reply.send(Err(e));
-            }
-            Ok(()) if request.decoding.is_done() => finish(pipeline, request),
-            Ok(()) => still_running.push(request),
+            Err(e) => request.job.send(WorkerMessage::Failed(e)),
+            Ok(()) => request.publish(&mut still_running),
         }
     }
     *running = still_running;
-}
-
-fn finish(pipeline: &Pipeline, request: Running) {
-    let Running {
-        job,
-        decoding,
-        prompt_tokens,
-        started,
-    } = request;
-    let outputs = decoding.into_outputs();
-    let result = pipeline
-        .finish(&job.request, prompt_tokens, &outputs)
-        .map(|output| Completed {
-            output,
-            queued: started - job.admitted,
-            generation: started.elapsed(),
-        });
-    let _ = job.reply.send(result);
 }
 
 #[cfg(test)]
@@ -439,5 +626,101 @@ mod tests {
             .generate(request(r#"{"input": "Hi", "max_length": 5}"#))
             .await;
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    async fn next_event(stream: &mut EngineStream) -> Option<Result<GenerationEvent, SubmitError>> {
+        std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn streams_concatenate_to_the_plain_answer_in_every_mode() {
+        let (engine, _thread) = Engine::start(Pipeline::demo(), EngineConfig::default()).unwrap();
+        let pipeline = Pipeline::demo();
+        for body in [
+            r#"{"input": "Hello", "seed": 4, "max_length": 30}"#,
+            r#"{"input": "Hello", "seed": 4, "mode": "sample-top-k", "max_length": 30}"#,
+            r#"{"input": "Hello", "seed": 4, "mode": "sample", "temperature": 1.3, "max_length": 30}"#,
+            r#"{"input": "Hello", "mode": "greedy", "max_length": 25}"#,
+            r#"{"input": "Hello", "mode": "beam", "max_length": 25}"#,
+        ] {
+            let plain = pipeline.generate(&request(body)).unwrap();
+            let mut deltas = vec![String::new(); plain.len()];
+            let mut ends = vec![None; plain.len()];
+            let mut stream = engine.stream(request(body)).unwrap();
+            while let Some(event) = next_event(&mut stream).await {
+                match event.unwrap() {
+                    GenerationEvent::Token(token) => {
+                        assert!(
+                            ends[token.index].is_none(),
+                            "no token after its sequence's end"
+                        );
+                        assert!(token.logprob <= 0.0);
+                        deltas[token.index].push_str(&token.text);
+                    }
+                    GenerationEvent::End(end) => ends[end.index] = Some(end.text),
+                }
+            }
+            assert!(stream.timings().first_token.is_some());
+            let ends: Vec<String> = ends.into_iter().map(Option::unwrap).collect();
+            assert_eq!(ends, plain, "{body}");
+            if !body.contains("beam") {
+                let streamed: Vec<String> = deltas.iter().map(|d| format!("Hello{d}")).collect();
+                assert_eq!(streamed, plain, "{body}");
+            }
+            let library: Vec<GenerationEvent> = pipeline
+                .stream(&request(body))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let library_ends = library
+                .iter()
+                .filter(|e| matches!(e, GenerationEvent::End(_)));
+            assert_eq!(library_ends.count(), plain.len());
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_dropped_stream_frees_its_place_and_stops_its_work() {
+        let config = EngineConfig {
+            queue_capacity: 1,
+            deadline: Duration::from_secs(60),
+        };
+        let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
+        let long = r#"{"input": "Hi", "seed": 1, "max_length": 1000, "num_return_sequences": 16}"#;
+        let mut stream = engine.stream(request(long)).unwrap();
+        assert!(matches!(next_event(&mut stream).await, Some(Ok(_))));
+        assert!(matches!(
+            engine.stream(request(r#"{"input": "Hi"}"#)),
+            Err(SubmitError::QueueFull { .. })
+        ));
+        let steps_before = engine.stats().decode_steps.load(Ordering::Relaxed);
+        drop(stream);
+        assert_eq!(engine.in_flight(), 0, "the place is free at once");
+        let ok = engine
+            .generate(request(r#"{"input": "Hi", "max_length": 5}"#))
+            .await;
+        assert!(ok.is_ok(), "{ok:?}");
+        let steps = engine.stats().decode_steps.load(Ordering::Relaxed) - steps_before;
+        assert!(
+            steps < 100,
+            "the dropped request stopped: {steps} steps ran after the drop"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_invalid_request_fails_before_any_event() {
+        let (engine, _thread) = Engine::start(Pipeline::demo(), EngineConfig::default()).unwrap();
+        let mut stream = engine
+            .stream(request(r#"{"input": "Hello there", "max_length": 2}"#))
+            .unwrap();
+        let first = next_event(&mut stream).await;
+        assert!(
+            matches!(
+                first,
+                Some(Err(SubmitError::Engine(EngineError::Request(_))))
+            ),
+            "{first:?}"
+        );
+        assert!(next_event(&mut stream).await.is_none());
     }
 }

@@ -3,8 +3,7 @@
 //!
 //! Scores are kept in f32 and combined in the same order as HF, so that hypotheses rank the same.
 
-use gpt2_simd::{exp, Isa};
-
+use crate::logprob::log_softmax;
 use crate::ngram::ban_repeated_ngrams;
 use crate::{BeamParams, Step};
 
@@ -196,69 +195,6 @@ impl BeamSearch {
     }
 }
 
-/// `log_softmax` rounded to f32 as HF's f32 computation would be, up to an ulp: the normaliser
-/// is summed in f64 over f32 exponentials (each within an ulp), which LLVM vectorizes; libm's
-/// scalar f64 `exp` cost 2–3 ms per 5-beam step.
-fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    log_softmax_with(Isa::active(), logits)
-}
-
-/// [`log_softmax`] with the body compiled for `isa` (every level gives the same values).
-fn log_softmax_with(isa: Isa, logits: &[f32]) -> Vec<f32> {
-    match isa {
-        // SAFETY: the CPU has the features this function is compiled for.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe { log_softmax_avx512(logits) },
-        // SAFETY: as above.
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 if isa.is_supported() => unsafe { log_softmax_avx2(logits) },
-        _ => log_softmax_body(logits),
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
-fn log_softmax_avx512(logits: &[f32]) -> Vec<f32> {
-    log_softmax_body(logits)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn log_softmax_avx2(logits: &[f32]) -> Vec<f32> {
-    log_softmax_body(logits)
-}
-
-#[inline(always)]
-fn log_softmax_body(logits: &[f32]) -> Vec<f32> {
-    const LANES: usize = 16;
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return vec![f32::NEG_INFINITY; logits.len()];
-    }
-    let chunks = logits.chunks_exact(LANES);
-    let tail: f64 = chunks
-        .remainder()
-        .iter()
-        .map(|&l| f64::from(exp(l - max)))
-        .sum();
-    let mut partial = [0.0f64; LANES];
-    for chunk in chunks {
-        for (sum, &l) in partial.iter_mut().zip(chunk) {
-            *sum += f64::from(exp(l - max));
-        }
-    }
-    let log_sum = (partial.iter().sum::<f64>() + tail).ln();
-    let max = f64::from(max);
-    logits
-        .iter()
-        .map(|&l| (f64::from(l) - max - log_sum) as f32)
-        .collect()
-}
-
 /// Indices of the `k` largest values, largest first; ties go to the lower index (torch's
 /// `topk` makes no promise there). NaN ranks lowest.
 ///
@@ -301,34 +237,6 @@ fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn log_softmax_is_within_an_ulp_of_the_f64_computation_on_every_instruction_set() {
-        let mut seed = 11u32;
-        let logits: Vec<f32> = (0..50_257)
-            .map(|_| {
-                seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                ((seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5) * 60.0
-            })
-            .chain([f32::NEG_INFINITY, -1e30])
-            .collect();
-        let max = f64::from(logits.iter().copied().fold(f32::NEG_INFINITY, f32::max));
-        let log_sum = logits
-            .iter()
-            .map(|&l| (f64::from(l) - max).exp())
-            .sum::<f64>()
-            .ln();
-        for isa in Isa::available() {
-            for (got, &l) in log_softmax_with(isa, &logits).iter().zip(&logits) {
-                let want = (f64::from(l) - max - log_sum) as f32;
-                let ulp = (want.abs() * f32::EPSILON).max(f32::MIN_POSITIVE);
-                assert!(
-                    (got - want).abs() <= ulp || got == &want,
-                    "{isa}: {got} vs {want}"
-                );
-            }
-        }
-    }
 
     fn params(num_beams: usize) -> BeamParams {
         BeamParams {

@@ -2,6 +2,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::beam::BeamSearch;
+use crate::logprob::token_logprob;
 use crate::sampling::{argmax, Candidates};
 use crate::{GenerationError, GenerationParams, Strategy};
 
@@ -13,6 +14,38 @@ pub struct Step {
     pub parent_rows: Vec<u32>,
     /// The token fed to row `i`.
     pub tokens: Vec<u32>,
+}
+
+/// Why a returned sequence ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FinishReason {
+    /// It reached `max_length`.
+    Length,
+    /// It produced the end-of-sequence token (included as its last token).
+    Eos,
+}
+
+impl FinishReason {
+    /// How the sequence `generated` (prompt excluded) ended, given the end-of-sequence token.
+    pub fn of(generated: &[u32], eos_token_id: Option<u32>) -> Self {
+        match (generated.last(), eos_token_id) {
+            (Some(last), Some(eos)) if *last == eos => FinishReason::Eos,
+            _ => FinishReason::Length,
+        }
+    }
+}
+
+/// A token chosen for one returned sequence by the last [`Generator::advance`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Emitted {
+    /// The returned sequence it extends (`0..num_return_sequences`).
+    pub index: usize,
+    /// The token.
+    pub token: u32,
+    /// Its log-probability under the model's distribution (log-softmax of the raw logits).
+    pub logprob: f32,
+    /// `Some` when this token ends the sequence.
+    pub finished: Option<FinishReason>,
 }
 
 /// The sampling stream of returned sequence `index` under `seed`: the same on every machine,
@@ -70,6 +103,9 @@ pub struct Generator {
     prompt_len: usize,
     vocab_size: usize,
     state: State,
+    /// What the last `advance` chose, per returned sequence (empty in beam search, whose
+    /// sequences are only known at the end).
+    emitted: Vec<Emitted>,
 }
 
 impl Generator {
@@ -156,6 +192,7 @@ impl Generator {
             prompt_len: prompt.len(),
             vocab_size,
             state,
+            emitted: Vec::new(),
         })
     }
 
@@ -173,6 +210,12 @@ impl Generator {
         let cur_len = self.prompt_len + self.generated_so_far();
         let max_length = self.params.max_length;
         let eos = self.params.eos_token_id;
+        // Greedy computes one sequence and returns it `num_return_sequences` times.
+        let copies = match self.params.strategy {
+            Strategy::Greedy => self.params.num_return_sequences,
+            _ => 1,
+        };
+        self.emitted.clear();
         match &mut self.state {
             State::Beam(search) => Ok(search.advance(logits, vocab)),
             State::Independent { sequences, rows } => {
@@ -219,7 +262,23 @@ impl Generator {
                         return Err(GenerationError::NoCandidate);
                     };
                     sequence.generated.push(token);
-                    if Some(token) == eos || cur_len + 1 >= max_length {
+                    let finished = if Some(token) == eos {
+                        Some(FinishReason::Eos)
+                    } else if cur_len + 1 >= max_length {
+                        Some(FinishReason::Length)
+                    } else {
+                        None
+                    };
+                    let logprob = token_logprob(row_logits, token);
+                    for copy in 0..copies {
+                        self.emitted.push(Emitted {
+                            index: seq_index + copy,
+                            token,
+                            logprob,
+                            finished,
+                        });
+                    }
+                    if finished.is_some() {
                         sequence.finished = true;
                     } else {
                         next_rows.push(seq_index);
@@ -235,6 +294,18 @@ impl Generator {
                 })
             }
         }
+    }
+
+    /// The tokens the last [`Generator::advance`] chose, one per returned sequence that ran
+    /// (none in beam search: its sequences are only known at the end, from
+    /// [`Generator::into_outputs`]).
+    pub fn emitted(&self) -> &[Emitted] {
+        &self.emitted
+    }
+
+    /// The end-of-sequence token generation stops at.
+    pub fn eos_token_id(&self) -> Option<u32> {
+        self.params.eos_token_id
     }
 
     fn generated_so_far(&self) -> usize {
@@ -264,5 +335,105 @@ impl Generator {
                 .map(|tokens| tokens[self.prompt_len.min(tokens.len())..].to_vec())
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{BeamParams, SamplingParams};
+
+    fn params(strategy: Strategy, n: usize) -> GenerationParams {
+        GenerationParams {
+            strategy,
+            max_length: 5,
+            num_return_sequences: n,
+            eos_token_id: Some(0),
+            seed: Some(3),
+        }
+    }
+
+    /// Runs a generator against a fixed "model" (every row gets `logits`), collecting what it
+    /// emitted step by step.
+    fn run(mut generator: Generator, logits: &[f32]) -> (Vec<Vec<Emitted>>, Vec<Vec<u32>>) {
+        let mut steps = Vec::new();
+        let mut rows = 1;
+        loop {
+            let next = generator.advance(&logits.repeat(rows)).unwrap();
+            steps.push(generator.emitted().to_vec());
+            match next {
+                Some(step) => rows = step.tokens.len(),
+                None => break,
+            }
+        }
+        (steps, generator.into_outputs())
+    }
+
+    #[test]
+    fn greedy_emits_each_token_for_every_returned_sequence_and_ends_them_at_max_length() {
+        let logits = [0.0, 0.5, 2.0, 1.0];
+        let (steps, outputs) = run(
+            Generator::new(&[9, 9], params(Strategy::Greedy, 3), 4).unwrap(),
+            &logits,
+        );
+        assert_eq!(outputs, vec![vec![2, 2, 2]; 3]);
+        assert_eq!(steps.len(), 3);
+        for (step, emitted) in steps.iter().enumerate() {
+            assert_eq!(
+                emitted.iter().map(|e| e.index).collect::<Vec<_>>(),
+                vec![0, 1, 2]
+            );
+            for e in emitted {
+                assert_eq!(e.token, 2);
+                assert_eq!(e.logprob, token_logprob(&logits, 2));
+                let last = step == 2;
+                assert_eq!(e.finished, last.then_some(FinishReason::Length));
+            }
+        }
+    }
+
+    #[test]
+    fn sampled_sequences_end_on_eos_with_their_own_reason() {
+        // Token 0 (EOS) and token 1 are equally likely: some sequences end early.
+        let sampling = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let logits = [1.0, 1.0, f32::NEG_INFINITY];
+        let generator = Generator::new(&[5], params(Strategy::Sample(sampling), 4), 3).unwrap();
+        let (steps, outputs) = run(generator, &logits);
+        let mut streamed = vec![Vec::new(); 4];
+        let mut reasons = vec![None; 4];
+        for e in steps.iter().flatten() {
+            assert!(
+                reasons[e.index].is_none(),
+                "nothing follows a sequence's end"
+            );
+            streamed[e.index].push(e.token);
+            reasons[e.index] = e.finished;
+            assert!((e.logprob - 0.5f32.ln()).abs() < 1e-6);
+        }
+        assert_eq!(streamed, outputs, "the emitted tokens are the outputs");
+        for (output, reason) in outputs.iter().zip(&reasons) {
+            assert_eq!(*reason, Some(FinishReason::of(output, Some(0))));
+        }
+    }
+
+    #[test]
+    fn beam_search_emits_nothing_until_its_outputs() {
+        let beam = BeamParams {
+            num_beams: 2,
+            no_repeat_ngram_size: 0,
+        };
+        let (steps, outputs) = run(
+            Generator::new(&[5], params(Strategy::Beam(beam), 2), 4).unwrap(),
+            &[0.0, 1.0, 0.5, 0.2],
+        );
+        assert!(steps.iter().all(Vec::is_empty));
+        assert_eq!(outputs.len(), 2);
+        assert_eq!(FinishReason::of(&[3, 0], Some(0)), FinishReason::Eos);
+        assert_eq!(FinishReason::of(&[3, 1], Some(0)), FinishReason::Length);
+        assert_eq!(FinishReason::of(&[], None), FinishReason::Length);
     }
 }

@@ -20,12 +20,14 @@
 
 mod beam;
 mod generator;
+mod logprob;
 mod ngram;
 mod params;
 mod sampling;
 
 pub use beam::BeamSearch;
-pub use generator::{sequence_rng, Generator, Step};
+pub use generator::{sequence_rng, Emitted, FinishReason, Generator, Step};
+pub use logprob::token_logprob;
 pub use ngram::{ban_repeated_ngrams, banned_ngram_tokens};
 pub use params::{BeamParams, GenerationParams, SamplingParams, Strategy};
 pub use sampling::{argmax, Candidates};

@@ -9,8 +9,8 @@
 //! use gpt2_schema::{GenerationRequest, Limits, Mode};
 //!
 //! let request = GenerationRequest::from_json(br#"{"input": "Hello", "mode": "greedy"}"#, &Limits::default()).unwrap();
-//! assert_eq!(request.mode, Mode::Greedy);
-//! assert_eq!(request.num_return_sequences, 3);
+//! assert_eq!(request.mode(), Mode::Greedy);
+//! assert_eq!(request.num_return_sequences(), 3);
 //! let params = request.to_params(1, 1024, Some(50256)).unwrap();
 //! assert_eq!(params.max_length, 100);
 //!
@@ -80,35 +80,40 @@ impl Default for Limits {
     }
 }
 
-/// A validated request with every default filled in.
+/// A validated request with every default filled in: made only by [`GenerationRequest::from_json`],
+/// [`GenerationRequest::from_object`] or [`GenerationRequest::builder`], which all validate it the
+/// same way.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerationRequest {
     /// The prompt (non-empty).
-    pub input: String,
+    input: String,
     /// Total length in tokens, prompt included (default 100).
-    pub max_length: usize,
+    max_length: usize,
     /// Tokens to generate after the prompt; overrides `max_length` when given.
-    pub max_new_tokens: Option<usize>,
+    max_new_tokens: Option<usize>,
     /// How tokens are chosen (default `sample-top-p`).
-    pub mode: Mode,
+    mode: Mode,
     /// Nucleus mass, in (0, 1] (default 0.92).
-    pub top_p: f32,
+    top_p: f32,
     /// Top-k cut, 0 disables it (default 50).
-    pub top_k: usize,
+    top_k: usize,
     /// Positive temperature (default 0.7), used by mode `sample`.
-    pub temperature: f32,
+    temperature: f32,
     /// Beams, at least 1 (default 5), used by mode `beam`.
-    pub num_beams: usize,
+    num_beams: usize,
     /// No-repeat n-gram size, 0 disables it (default 2), used by mode `beam`.
-    pub no_repeat_ngram_size: usize,
+    no_repeat_ngram_size: usize,
     /// Sequences returned, at least 1 (default 3).
-    pub num_return_sequences: usize,
+    num_return_sequences: usize,
     /// Sampling seed; `None` (absent, null or -1) draws a random one.
-    pub seed: Option<u64>,
+    seed: Option<u64>,
+    /// Whether the caller asked for the answer as a stream of events (`"stream": true`).
+    stream: bool,
 }
 
-impl Default for GenerationRequest {
-    fn default() -> Self {
+impl GenerationRequest {
+    /// The contract's defaults, with an empty input (not a valid request by itself).
+    fn defaults() -> Self {
         Self {
             input: String::new(),
             max_length: 100,
@@ -121,6 +126,7 @@ impl Default for GenerationRequest {
             no_repeat_ngram_size: 2,
             num_return_sequences: 3,
             seed: None,
+            stream: false,
         }
     }
 }
@@ -238,9 +244,77 @@ impl GenerationRequest {
         Self::from_object(&object, limits)
     }
 
+    // The validated fields, read-only.
+
+    /// The prompt (non-empty).
+    pub fn input(&self) -> &str {
+        &self.input
+    }
+
+    /// Total length in tokens, prompt included (default 100).
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+
+    /// Tokens to generate after the prompt; overrides `max_length` when given.
+    pub fn max_new_tokens(&self) -> Option<usize> {
+        self.max_new_tokens
+    }
+
+    /// How tokens are chosen (default `sample-top-p`).
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// Nucleus mass, in (0, 1] (default 0.92).
+    pub fn top_p(&self) -> f32 {
+        self.top_p
+    }
+
+    /// Top-k cut, 0 disables it (default 50).
+    pub fn top_k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Positive temperature (default 0.7), used by mode `sample`.
+    pub fn temperature(&self) -> f32 {
+        self.temperature
+    }
+
+    /// Beams, at least 1 (default 5), used by mode `beam`.
+    pub fn num_beams(&self) -> usize {
+        self.num_beams
+    }
+
+    /// No-repeat n-gram size, 0 disables it (default 2), used by mode `beam`.
+    pub fn no_repeat_ngram_size(&self) -> usize {
+        self.no_repeat_ngram_size
+    }
+
+    /// Sequences returned, at least 1 (default 3).
+    pub fn num_return_sequences(&self) -> usize {
+        self.num_return_sequences
+    }
+
+    /// Sampling seed; `None` (absent, null or -1) draws a random one.
+    pub fn seed(&self) -> Option<u64> {
+        self.seed
+    }
+
+    /// Whether the caller asked for a stream of events (`"stream": true`; default false).
+    pub fn stream(&self) -> bool {
+        self.stream
+    }
+
+    /// Starts a request for `input` with every other field at the contract's default; the
+    /// builder's [`GenerationRequestBuilder::build`] validates exactly as the JSON path does.
+    pub fn builder(input: impl Into<String>) -> GenerationRequestBuilder {
+        GenerationRequestBuilder::new(input.into())
+    }
+
     /// Validates a parsed JSON object. Unknown fields are ignored; `null` means "use the default".
     pub fn from_object(object: &Map<String, Value>, limits: &Limits) -> Result<Self, RequestError> {
-        let mut request = Self::default();
+        let mut request = Self::defaults();
         let present = |name: &str| object.get(name).filter(|v| !v.is_null());
 
         request.input = match object.get("input") {
@@ -326,6 +400,11 @@ impl GenerationRequest {
                 ),
             ));
         }
+        if let Some(v) = present("stream") {
+            request.stream = v.as_bool().ok_or_else(|| {
+                RequestError::invalid("stream", format!("must be a boolean, got {}", describe(v)))
+            })?;
+        }
         if let Some(v) = present("seed") {
             let seed = integer("seed", v)?;
             request.seed = match seed {
@@ -401,6 +480,86 @@ impl GenerationRequest {
             eos_token_id,
             seed: self.seed,
         })
+    }
+}
+
+/// Builds a [`GenerationRequest`] from Rust values, with the contract's defaults for what it does
+/// not set (see [`GenerationRequest`]'s fields) and the JSON path's validation, field names and
+/// messages.
+///
+/// ```
+/// use gpt2_schema::{GenerationRequest, Mode};
+///
+/// let request = GenerationRequest::builder("Hello").mode(Mode::Greedy).max_length(40).build()?;
+/// assert_eq!((request.mode(), request.max_length(), request.num_return_sequences()), (Mode::Greedy, 40, 3));
+///
+/// let err = GenerationRequest::builder("Hello").top_p(1.5).build().unwrap_err();
+/// assert_eq!(err.field(), Some("top_p"));
+/// # Ok::<(), gpt2_schema::RequestError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct GenerationRequestBuilder {
+    fields: Map<String, Value>,
+}
+
+macro_rules! builder_setters {
+    ($($(#[$doc:meta])* $name:ident: $ty:ty),* $(,)?) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, value: $ty) -> Self {
+                self.fields.insert(stringify!($name).into(), serde_json::json!(value));
+                self
+            }
+        )*
+    };
+}
+
+impl GenerationRequestBuilder {
+    fn new(input: String) -> Self {
+        let mut fields = Map::new();
+        fields.insert("input".into(), Value::String(input));
+        Self { fields }
+    }
+
+    builder_setters! {
+        /// Total length in tokens, prompt included (default 100).
+        max_length: usize,
+        /// Tokens to generate after the prompt, instead of `max_length`.
+        max_new_tokens: usize,
+        /// Nucleus mass, in (0, 1] (default 0.92).
+        top_p: f32,
+        /// Top-k cut, 0 disables it (default 50).
+        top_k: usize,
+        /// Positive temperature (default 0.7), used by mode `sample`.
+        temperature: f32,
+        /// Beams (default 5), used by mode `beam`.
+        num_beams: usize,
+        /// No-repeat n-gram size, 0 disables it (default 2), used by mode `beam`.
+        no_repeat_ngram_size: usize,
+        /// Sequences returned (default 3).
+        num_return_sequences: usize,
+        /// Sampling seed (default: a random one).
+        seed: u64,
+        /// Marks the request as streamed (default false); informational for library callers,
+        /// who choose between `generate` and `stream` themselves.
+        stream: bool,
+    }
+
+    /// How tokens are chosen (default [`Mode::SampleTopP`]).
+    pub fn mode(mut self, mode: Mode) -> Self {
+        self.fields
+            .insert("mode".into(), Value::String(mode.name().into()));
+        self
+    }
+
+    /// Validates against the default [`Limits`].
+    pub fn build(self) -> Result<GenerationRequest, RequestError> {
+        self.build_with(&Limits::default())
+    }
+
+    /// Validates against `limits`.
+    pub fn build_with(self, limits: &Limits) -> Result<GenerationRequest, RequestError> {
+        GenerationRequest::from_object(&self.fields, limits)
     }
 }
 

@@ -15,7 +15,7 @@ fn defaults_are_the_contracts() {
         request,
         GenerationRequest {
             input: "This is an input text".into(),
-            ..GenerationRequest::default()
+            ..GenerationRequest::defaults()
         }
     );
     assert_eq!(request.max_length, 100);
@@ -231,4 +231,66 @@ fn modes_map_to_their_parameters() {
             no_repeat_ngram_size: 2
         })
     );
+}
+
+#[test]
+fn the_builder_validates_like_the_json_path() {
+    let built = GenerationRequest::builder("Hello")
+        .mode(Mode::Beam)
+        .num_beams(4)
+        .num_return_sequences(2)
+        .max_new_tokens(7)
+        .seed(9)
+        .top_p(0.5)
+        .top_k(3)
+        .temperature(1.5)
+        .no_repeat_ngram_size(3)
+        .build()
+        .unwrap();
+    let parsed = parse(
+        r#"{"input": "Hello", "mode": "beam", "num_beams": 4, "num_return_sequences": 2,
+            "max_new_tokens": 7, "seed": 9, "top_p": 0.5, "top_k": 3, "temperature": 1.5,
+            "no_repeat_ngram_size": 3}"#,
+    )
+    .unwrap();
+    assert_eq!(built, parsed);
+    assert_eq!(built.input(), "Hello");
+    assert_eq!(built.mode(), Mode::Beam);
+    assert_eq!(built.max_new_tokens(), Some(7));
+    assert_eq!(built.seed(), Some(9));
+    assert!(!built.stream());
+    for (builder, field) in [
+        (GenerationRequest::builder(""), "input"),
+        (
+            GenerationRequest::builder("x").temperature(0.0),
+            "temperature",
+        ),
+        (GenerationRequest::builder("x").top_p(0.0), "top_p"),
+        (GenerationRequest::builder("x").max_length(0), "max_length"),
+        (
+            GenerationRequest::builder("x")
+                .mode(Mode::Beam)
+                .num_beams(2)
+                .num_return_sequences(3),
+            "num_return_sequences",
+        ),
+        (GenerationRequest::builder("x").num_beams(17), "num_beams"),
+    ] {
+        assert_eq!(builder.build().unwrap_err().field(), Some(field));
+    }
+    let tight = Limits {
+        max_num_return_sequences: 2,
+        max_num_beams: 2,
+    };
+    let err = GenerationRequest::builder("x")
+        .num_return_sequences(3)
+        .build_with(&tight);
+    assert_eq!(err.unwrap_err().field(), Some("num_return_sequences"));
+}
+
+#[test]
+fn stream_is_a_boolean() {
+    assert!(parse(r#"{"input": "x", "stream": true}"#).unwrap().stream());
+    assert!(!parse(r#"{"input": "x", "stream": null}"#).unwrap().stream());
+    assert_eq!(field_of(r#"{"input": "x", "stream": "yes"}"#), "stream");
 }
