@@ -9,10 +9,10 @@ How to run (from the repository root):
 
 Inputs (paths are resolved relative to the repository root, found from this
 script's own location, so the current directory does not matter):
-    fixtures/tokenizer/corpus.json           JSON array of strings
-    fixtures/gpt2-tokenizer/tokenizer.json   fast tokenizer
-    fixtures/gpt2-tokenizer/vocab.json       slow tokenizer vocab
-    fixtures/gpt2-tokenizer/merges.txt       slow tokenizer merges
+    fixtures/tokenizer/corpus.json              JSON array of strings
+    crates/gpt2-tokenizer/data/tokenizer.json   fast tokenizer (the one the crate embeds)
+    fixtures/gpt2-tokenizer/vocab.json          slow tokenizer vocab
+    fixtures/gpt2-tokenizer/merges.txt          slow tokenizer merges
 
 Output:
     fixtures/tokenizer/goldens.json
@@ -47,6 +47,7 @@ from transformers import GPT2Tokenizer, GPT2TokenizerFast
 
 ROOT = Path(__file__).resolve().parent.parent
 TOK_DIR = ROOT / "fixtures" / "gpt2-tokenizer"
+TOKENIZER_JSON = ROOT / "crates" / "gpt2-tokenizer" / "data" / "tokenizer.json"
 CORPUS = ROOT / "fixtures" / "tokenizer" / "corpus.json"
 OUT = ROOT / "fixtures" / "tokenizer" / "goldens.json"
 
@@ -100,7 +101,7 @@ def main() -> int:
     corpus = json.loads(CORPUS.read_text(encoding="utf-8"))
     assert isinstance(corpus, list) and all(isinstance(s, str) for s in corpus)
 
-    fast = GPT2TokenizerFast(tokenizer_file=str(TOK_DIR / "tokenizer.json"))
+    fast = GPT2TokenizerFast(tokenizer_file=str(TOKENIZER_JSON))
     slow = load_slow()
 
     cases = []

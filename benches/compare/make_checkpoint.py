@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER_JSON = REPO_ROOT / "fixtures" / "gpt2-tokenizer" / "tokenizer.json"
+TOKENIZER_JSON = REPO_ROOT / "crates" / "gpt2-tokenizer" / "data" / "tokenizer.json"
 
 
 def main() -> int:

@@ -28,3 +28,10 @@ pub fn fake_logits(rows: usize, vocab: usize) -> Vec<f32> {
         })
         .collect()
 }
+
+/// README.md's Rust snippets, compiled and run as doctests (`cargo test -p gpt2-benches --doc`).
+/// They live here because this crate is never published: a published crate cannot include a
+/// file outside itself.
+#[cfg(doctest)]
+#[doc = include_str!("../../README.md")]
+pub struct ReadmeDoctests;

@@ -219,13 +219,10 @@ fn download(
 
 fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
     let tokenizer = match &model {
-        Some(dir) if !dir.is_dir() => {
-            return Err(Failure::usage(format!(
-                "--model {}: not a directory",
-                dir.display()
-            )))
+        Some(dir) => {
+            check_model_dir(dir)?;
+            Gpt2Tokenizer::from_model_dir(dir)
         }
-        Some(dir) => Gpt2Tokenizer::from_model_dir(dir),
         None => Gpt2Tokenizer::embedded(),
     }
     .map_err(|e| Failure::runtime(e.to_string()))?;
@@ -233,6 +230,24 @@ fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
         .encode(text)
         .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(format!("{}\n", Value::from(ids)))
+}
+
+/// `--model DIR` must be a directory; a missing one most likely still has to be downloaded.
+fn check_model_dir(dir: &std::path::Path) -> Result<(), Failure> {
+    if !dir.exists() {
+        return Err(Failure::usage(format!(
+            "model directory {0} does not exist; download a checkpoint with: \
+             gpt2 download openai-community/gpt2 --to {0}",
+            dir.display()
+        )));
+    }
+    if !dir.is_dir() {
+        return Err(Failure::usage(format!(
+            "--model {}: not a directory",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Reads a JSON object from a file, or from standard input for `-`.
@@ -291,12 +306,7 @@ fn prepare(
     object: &Map<String, Value>,
 ) -> Result<(Pipeline, GenerationRequest), Failure> {
     if let Some(dir) = model {
-        if !dir.is_dir() {
-            return Err(Failure::usage(format!(
-                "--model {}: not a directory",
-                dir.display()
-            )));
-        }
+        check_model_dir(dir)?;
     }
     let source = ModelSource::resolve(model);
     let limits = gpt2_engine::Limits::default();

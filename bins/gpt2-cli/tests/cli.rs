@@ -185,7 +185,7 @@ fn bad_requests_exit_2_with_one_line_and_no_stdout() {
         (
             vec!["generate", "--input", "x", "--model", "/nonexistent/model"],
             None,
-            "--model",
+            "model directory /nonexistent/model does not exist",
         ),
         (
             vec!["generate", "--input", "x", "--max-length", "2000"],
@@ -220,6 +220,53 @@ fn bad_requests_exit_2_with_one_line_and_no_stdout() {
         assert_eq!(error_lines.len(), 1, "{args:?}: {err}");
         assert!(error_lines[0].contains(needle), "{args:?}: {err}");
     }
+}
+
+#[test]
+fn a_missing_model_directory_points_to_gpt2_download() {
+    let dir = std::env::temp_dir().join(format!("gpt2-cli-missing-{}", std::process::id()));
+    let missing = dir.join("gpt2");
+    let missing = missing.to_str().unwrap();
+    let request = dir.join("request.json");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(&request, r#"{"input": "Hello"}"#).unwrap();
+    for args in [
+        vec!["generate", "--model", missing, "--input", "Hello"],
+        vec!["tokenize", "--model", missing, "Hello"],
+        vec![
+            "bench",
+            "--model",
+            missing,
+            "--request",
+            request.to_str().unwrap(),
+        ],
+    ] {
+        let out = gpt2(&args, None);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(out.stdout.is_empty(), "{args:?} printed {}", stdout(&out));
+        assert_eq!(
+            stderr(&out),
+            format!(
+                "gpt2: error: model directory {missing} does not exist; download a checkpoint \
+                 with: gpt2 download openai-community/gpt2 --to {missing}\n"
+            ),
+            "{args:?}"
+        );
+    }
+    // A file is not a model directory either, but downloading is not the cure.
+    let out = gpt2(
+        &[
+            "generate",
+            "--model",
+            request.to_str().unwrap(),
+            "--input",
+            "x",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("not a directory"), "{}", stderr(&out));
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

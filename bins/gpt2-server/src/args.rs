@@ -3,7 +3,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
-use gpt2_engine::{EngineConfig, KvFormat, Limits, WeightFormat};
+use gpt2_engine::{EngineConfig, KvFormat, Limits, ModelSource, WeightFormat};
 
 /// Environment variable SageMaker sets to the port a container must listen on.
 pub const SAGEMAKER_PORT_ENV: &str = "SAGEMAKER_BIND_TO_PORT";
@@ -86,6 +86,24 @@ impl ServerArgs {
                 .map_err(|_| format!("{SAGEMAKER_PORT_ENV}={value:?} is not a port number")),
             Err(_) => Ok(8080),
         }
+    }
+
+    /// The model to load: `--model` (or `$GPT2_MODEL_DIR`), which must be an existing directory,
+    /// else [`ModelSource::resolve`]'s default.
+    pub fn model_source(&self) -> Result<ModelSource, String> {
+        if let Some(dir) = &self.model {
+            if !dir.exists() {
+                return Err(format!(
+                    "model directory {0} does not exist; download a checkpoint with: \
+                     gpt2 download openai-community/gpt2 --to {0}",
+                    dir.display()
+                ));
+            }
+            if !dir.is_dir() {
+                return Err(format!("--model {}: not a directory", dir.display()));
+            }
+        }
+        Ok(ModelSource::resolve(self.model.as_deref()))
     }
 
     /// The per-request limits.

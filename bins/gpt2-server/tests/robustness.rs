@@ -173,3 +173,24 @@ fn bad_arguments_exit_non_zero_with_a_message() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SAGEMAKER_BIND_TO_PORT"));
 }
+
+#[test]
+fn a_missing_model_directory_points_to_gpt2_download() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2-server"))
+        .args(["serve", "--model", "/nonexistent/gpt2", "--port", "0"])
+        .env_remove("SAGEMAKER_BIND_TO_PORT")
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].contains(
+            "model directory /nonexistent/gpt2 does not exist; download a checkpoint with: \
+             gpt2 download openai-community/gpt2 --to /nonexistent/gpt2"
+        ),
+        "{stderr}"
+    );
+}

@@ -29,8 +29,7 @@ pub const END_OF_TEXT_ID: u32 = 50256;
 /// The text of GPT-2's only special token.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
-const EMBEDDED_TOKENIZER_JSON: &[u8] =
-    include_bytes!("../../../fixtures/gpt2-tokenizer/tokenizer.json");
+const EMBEDDED_TOKENIZER_JSON: &[u8] = include_bytes!("../data/tokenizer.json");
 
 /// Errors of loading or running the tokenizer.
 #[derive(Debug, thiserror::Error)]
