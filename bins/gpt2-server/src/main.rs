@@ -3,13 +3,14 @@
 mod api_error;
 mod args;
 mod routes;
+mod streaming;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use gpt2_engine::{Engine, ModelSource, Pipeline};
+use gpt2_engine::{Engine, Pipeline};
 use tracing::{error, info, warn};
 
 use crate::args::ServerArgs;
@@ -41,7 +42,7 @@ fn main() -> ExitCode {
 async fn run(args: ServerArgs) -> Result<(), String> {
     let port = args.port()?;
     let addr = SocketAddr::new(args.host, port);
-    let source = ModelSource::resolve(args.model.as_deref());
+    let source = args.model_source()?;
     let loading = std::time::Instant::now();
     // Load before binding: /ping only answers once the model is ready.
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::from_source(&source))

@@ -15,6 +15,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api_error::ApiError;
+use crate::streaming::{self, Framing, StreamLog};
 
 /// SageMaker's payload limit for real-time invocations.
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
@@ -43,6 +44,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/invocations", post(invocations))
         .route("/endpoints/{name}/invocations", post(invocations))
+        .route(
+            "/endpoints/{name}/invocations-response-stream",
+            post(invocations_response_stream),
+        )
         .route("/ping", get(ping))
         .route("/execution-parameters", get(execution_parameters))
         .fallback(not_found)
@@ -168,9 +173,39 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
 
 async fn invocations(
     State(state): State<AppState>,
-    Extension(RequestId(request_id)): Extension<RequestId>,
+    Extension(request_id): Extension<RequestId>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
+) -> Response {
+    invoke(state, request_id, headers, body, None).await
+}
+
+/// SageMaker runtime's `InvokeEndpointWithResponseStream`: always streamed, in AWS event-stream
+/// frames.
+async fn invocations_response_stream(
+    State(state): State<AppState>,
+    Extension(request_id): Extension<RequestId>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    invoke(
+        state,
+        request_id,
+        headers,
+        body,
+        Some(Framing::AwsEventStream),
+    )
+    .await
+}
+
+/// Answers an invocation: the JSON array, or a stream when `framing` says so or the request
+/// asks for one.
+async fn invoke(
+    state: AppState,
+    RequestId(request_id): RequestId,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    framing: Option<Framing>,
 ) -> Response {
     let received = Instant::now();
     let mut abandoned = LogIfAbandoned {
@@ -184,13 +219,29 @@ async fn invocations(
         let body = read_body(body)?;
         let request = GenerationRequest::from_json(&body, &state.limits)?;
         mode = Some(request.mode().name());
-        Ok::<_, ApiError>(state.engine.generate(request).await?)
+        let framing = framing.or_else(|| {
+            streaming::wants_stream(&headers, request.stream()).then_some(Framing::ServerSentEvents)
+        });
+        if let Some(framing) = framing {
+            let stream = state.engine.stream(request)?;
+            let log = StreamLog {
+                request_id: request_id.clone(),
+                mode: mode.unwrap_or("-"),
+                received,
+            };
+            // The stream's own state logs its line (and its abandonment) from here on.
+            return Ok(Answer::Stream(
+                streaming::respond(stream, framing, log).await?,
+            ));
+        }
+        Ok::<_, ApiError>(Answer::Whole(state.engine.generate(request).await?))
     }
     .await;
     let total_ms = received.elapsed().as_millis() as u64;
     abandoned.answered = true;
     match result {
-        Ok(completed) => {
+        Ok(Answer::Stream(response)) => response,
+        Ok(Answer::Whole(completed)) => {
             info!(
                 request_id,
                 status = 200,
@@ -198,6 +249,7 @@ async fn invocations(
                 prompt_tokens = completed.output.prompt_tokens,
                 generated_tokens = completed.output.generated_tokens,
                 queue_ms = completed.queued.as_millis() as u64,
+                first_token_ms = completed.first_token.map_or(0, |t| t.as_millis() as u64),
                 generation_ms = completed.generation.as_millis() as u64,
                 total_ms,
                 "invocation"
@@ -229,4 +281,12 @@ async fn invocations(
             error.into_response()
         }
     }
+}
+
+/// An invocation's successful answer.
+enum Answer {
+    /// The whole JSON array.
+    Whole(gpt2_engine::Completed),
+    /// A streamed response, already started.
+    Stream(Response),
 }

@@ -1,23 +1,36 @@
 //! Text generation with a GPT-2 checkpoint, behind the "GPT-2 API" request contract.
 //!
-//! [`Pipeline`] owns a model and its tokenizer; [`Pipeline::generate`] takes a validated
-//! [`GenerationRequest`] and returns one string per returned sequence, each the prompt followed by
-//! its continuation — exactly what the HTTP service answers, so the CLI, the service and library
-//! users cannot disagree.
+//! [`Pipeline`] owns a model and its tokenizer. [`Pipeline::stream`] answers a validated
+//! [`GenerationRequest`] token by token; [`Pipeline::generate`] collects that stream into one
+//! string per returned sequence, each the prompt followed by its continuation — exactly what the
+//! HTTP service answers, so the CLI, the service and library users cannot disagree. [`Engine`]
+//! runs a pipeline on its own thread and batches concurrent requests, with the same two calls in
+//! async form ([`Engine::stream`], [`Engine::generate`]).
 //!
 //! ```
-//! use gpt2_engine::{GenerationRequest, Limits, Pipeline};
+//! use gpt2_engine::{GenerationEvent, GenerationRequest, Mode, Pipeline};
 //!
-//! // `Pipeline::load("path/to/gpt2")` for a real checkpoint; the demo model needs no download.
+//! // `Pipeline::load("path/to/gpt2")?` for a real checkpoint; the demo model needs no download.
 //! let pipeline = Pipeline::demo();
-//! let request = GenerationRequest::from_json(
-//!     br#"{"input": "Hello, my name is", "mode": "greedy", "max_length": 12}"#,
-//!     &Limits::default(),
-//! )
-//! .unwrap();
-//! let texts = pipeline.generate(&request).unwrap();
-//! assert_eq!(texts.len(), 3);
+//! // The builder validates as the JSON contract does: defaults for what it leaves out.
+//! let request = GenerationRequest::builder("Hello, my name is")
+//!     .mode(Mode::Greedy)
+//!     .max_length(12)
+//!     .build()?;
+//!
+//! let texts = pipeline.generate(&request)?;
+//! assert_eq!(texts.len(), 3); // num_return_sequences defaults to 3
 //! assert!(texts[0].starts_with("Hello, my name is"));
+//!
+//! // The same answer, token by token.
+//! for event in pipeline.stream(&request)? {
+//!     match event? {
+//!         GenerationEvent::Token(token) if token.index == 0 => print!("{}", token.text),
+//!         GenerationEvent::Token(_) => {} // the other sequences' tokens, interleaved
+//!         GenerationEvent::End(end) => assert_eq!(end.text, texts[end.index]),
+//!     }
+//! }
+//! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
 mod events;

@@ -73,7 +73,9 @@ enum WorkerMessage {
         queued: Duration,
         prompt_tokens: usize,
     },
-    Event(GenerationEvent),
+    /// The events of one prefill or step, sent together so that a sequence's last token and its
+    /// end arrive at once.
+    Events(Vec<GenerationEvent>),
     Finished,
     Failed(EngineError),
 }
@@ -213,6 +215,7 @@ impl Engine {
             admitted,
             started: None,
             first_event: None,
+            ready: std::collections::VecDeque::new(),
             prompt_tokens: 0,
             ended: false,
             _cancel_on_drop: CancelOnDrop(cancelled),
@@ -270,6 +273,8 @@ pub struct EngineStream {
     admitted: Instant,
     started: Option<Instant>,
     first_event: Option<Instant>,
+    /// Events received and not yet yielded.
+    ready: std::collections::VecDeque<GenerationEvent>,
     prompt_tokens: usize,
     ended: bool,
     _cancel_on_drop: CancelOnDrop,
@@ -280,6 +285,12 @@ impl EngineStream {
     /// Tokens in the prompt (0 until the worker has taken the request).
     pub fn prompt_tokens(&self) -> usize {
         self.prompt_tokens
+    }
+
+    /// The next event if it has already arrived, without waiting: a sequence's last token and
+    /// its end arrive together, so a caller can merge them.
+    pub fn peek_ready(&self) -> Option<&GenerationEvent> {
+        self.ready.front()
     }
 
     /// The request's timings so far.
@@ -307,6 +318,9 @@ impl Stream for EngineStream {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
+        if let Some(event) = this.ready.pop_front() {
+            return Poll::Ready(Some(Ok(event)));
+        }
         if this.ended {
             return Poll::Ready(None);
         }
@@ -319,9 +333,12 @@ impl Stream for EngineStream {
                     this.started = Some(this.admitted + queued);
                     this.prompt_tokens = prompt_tokens;
                 }
-                Poll::Ready(Some(WorkerMessage::Event(event))) => {
+                Poll::Ready(Some(WorkerMessage::Events(events))) => {
                     this.first_event.get_or_insert_with(Instant::now);
-                    return Poll::Ready(Some(Ok(event)));
+                    this.ready.extend(events);
+                    if let Some(event) = this.ready.pop_front() {
+                        return Poll::Ready(Some(Ok(event)));
+                    }
                 }
                 Poll::Ready(Some(WorkerMessage::Finished)) => return this.end(None),
                 Poll::Ready(Some(WorkerMessage::Failed(EngineError::DeadlineExceeded))) => {
@@ -378,8 +395,8 @@ impl Running<'_> {
                 result = events.on_outputs(finished.into_outputs(), eos, &mut out);
             }
         }
-        for event in out {
-            job.send(WorkerMessage::Event(event));
+        if !out.is_empty() {
+            job.send(WorkerMessage::Events(out));
         }
         match (result, decoding) {
             (Err(e), _) => job.send(WorkerMessage::Failed(e)),
