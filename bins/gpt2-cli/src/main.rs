@@ -1,12 +1,17 @@
 //! `gpt2`: tokenize and generate from the command line, with the same schema and engine as the
 //! HTTP service, so that both give the same answer.
 
+// The argument structs' doc comments are the `--help` text, where a bare URL reads best.
+#![allow(rustdoc::bare_urls)]
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
-use gpt2_engine::{EngineError, GenerationRequest, KvFormat, ModelSource, Pipeline, WeightFormat};
+use gpt2_engine::{
+    EngineError, GenerationEvent, GenerationRequest, KvFormat, ModelSource, Pipeline, WeightFormat,
+};
 use gpt2_tokenizer::Gpt2Tokenizer;
 use serde_json::{Map, Value};
 
@@ -99,6 +104,11 @@ struct GenerateArgs {
     /// Print the JSON array the HTTP service would answer instead of readable text.
     #[arg(long)]
     json: bool,
+    /// Print tokens as they are generated: with one sequence, its text as it grows; with several
+    /// (or in beam mode), one JSON event per line (`{"index","id","text","logprob"}` per token,
+    /// `{"index","finish_reason","text","generated_tokens"}` when a sequence ends).
+    #[arg(long, conflicts_with = "json")]
+    stream: bool,
     #[command(flatten)]
     storage: StorageArgs,
     /// The prompt.
@@ -169,6 +179,10 @@ impl From<EngineError> for Failure {
 fn main() -> ExitCode {
     gpt2_engine::return_freed_memory_to_os();
     let cli = Cli::parse();
+    if let Err(e) = gpt2_engine::Isa::from_env() {
+        eprintln!("gpt2: error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Tokenize { model, text } => tokenize(model, &text),
         Command::Generate(args) => generate(args),
@@ -355,6 +369,9 @@ fn time_request(args: BenchArgs) -> Result<String, Failure> {
 fn generate(args: GenerateArgs) -> Result<String, Failure> {
     let object = request_object(&args)?;
     let (pipeline, request) = prepare(args.model.as_deref(), args.storage, &object)?;
+    if args.stream {
+        return stream(&pipeline, &request);
+    }
     let texts = pipeline.generate(&request)?;
     if args.json || args.request.is_some() {
         return Ok(format!("{}\n", Value::from(texts)));
@@ -368,4 +385,31 @@ fn generate(args: GenerateArgs) -> Result<String, Failure> {
         out.push('\n');
     }
     Ok(out)
+}
+
+/// `generate --stream`: writes each event to stdout as it comes.
+fn stream(pipeline: &Pipeline, request: &GenerationRequest) -> Result<String, Failure> {
+    let events = pipeline.stream(request)?;
+    let plain = request.num_return_sequences() == 1 && request.mode() != gpt2_engine::Mode::Beam;
+    let mut stdout = std::io::stdout().lock();
+    // A closed pipe (`gpt2 generate --stream | head`) ends the generation quietly.
+    let mut write = |text: &str| {
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+    };
+    if plain && write(request.input()).is_err() {
+        return Ok(String::new());
+    }
+    for event in events {
+        let line = match (event?, plain) {
+            (GenerationEvent::Token(token), true) => token.text,
+            (GenerationEvent::End(_), true) => "\n".to_string(),
+            (event, false) => format!("{}\n", serde_json::to_string(&event).unwrap_or_default()),
+        };
+        if write(&line).is_err() {
+            break;
+        }
+    }
+    Ok(String::new())
 }

@@ -402,3 +402,103 @@ fn download_fetches_sharded_weights_from_a_hub_layout() {
     assert_eq!(stderr(&out).lines().count(), 1);
     std::fs::remove_dir_all(&dest).ok();
 }
+
+#[test]
+fn stream_prints_one_sequence_as_it_grows_and_several_as_json_events() {
+    let model = tiny_model();
+    let model = model.to_str().unwrap();
+    let base = [
+        "generate",
+        "--model",
+        model,
+        "--input",
+        "a b",
+        "--max-length",
+        "12",
+    ];
+    let expected = |extra: &[&str]| {
+        let out = gpt2(&[&base[..], extra, &["--json"]].concat(), None);
+        serde_json::from_str::<Vec<String>>(&stdout(&out)).unwrap()
+    };
+
+    let one = ["--seed", "3", "--num-return-sequences", "1"];
+    let out = gpt2(&[&base[..], &one, &["--stream"]].concat(), None);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&out), format!("{}\n", expected(&one)[0]));
+
+    for several in [
+        &["--seed", "3"][..],
+        &["--mode", "beam", "--num-beams", "3"][..],
+    ] {
+        let out = gpt2(&[&base[..], several, &["--stream"]].concat(), None);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let events: Vec<serde_json::Value> = stdout(&out)
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap())
+            .collect();
+        let want = expected(several);
+        let mut deltas = vec![String::from("a b"); want.len()];
+        let mut ends = vec![String::new(); want.len()];
+        for event in &events {
+            let index = event["index"].as_u64().unwrap() as usize;
+            match event.get("finish_reason") {
+                Some(reason) => {
+                    assert!(["length", "eos"].contains(&reason.as_str().unwrap()));
+                    ends[index] = event["text"].as_str().unwrap().to_string();
+                }
+                None => deltas[index].push_str(event["text"].as_str().unwrap()),
+            }
+        }
+        assert_eq!(ends, want, "{several:?}");
+        if !several.contains(&"beam") {
+            assert_eq!(
+                deltas, want,
+                "{several:?}: the deltas add up to each sequence"
+            );
+        }
+    }
+
+    let out = gpt2(&[&base[..], &["--stream", "--json"]].concat(), None);
+    assert_eq!(out.status.code(), Some(2), "--stream and --json conflict");
+}
+
+#[test]
+fn gpt2_isa_pins_the_kernels_and_a_bad_value_is_a_usage_error() {
+    let model = tiny_model();
+    let args = [
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--input",
+        "a b",
+        "--mode",
+        "greedy",
+        "--json",
+        "--max-length",
+        "8",
+    ];
+    let run = |isa: &str| {
+        Command::new(env!("CARGO_BIN_EXE_gpt2"))
+            .args(args)
+            .env("GPT2_ISA", isa)
+            .output()
+            .unwrap()
+    };
+    let portable = run("portable");
+    assert!(portable.status.success(), "{}", stderr(&portable));
+    let detected = run("");
+    assert_eq!(
+        stdout(&portable),
+        stdout(&detected),
+        "greedy text is the same on every path"
+    );
+    let bad = run("sse9");
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(bad.stdout.is_empty());
+    let message = stderr(&bad);
+    assert!(
+        message.contains("GPT2_ISA") && message.contains("portable"),
+        "{message}"
+    );
+    assert_eq!(message.lines().count(), 1, "{message}");
+}

@@ -19,6 +19,10 @@ fn main() -> ExitCode {
     gpt2_engine::return_freed_memory_to_os();
     let args = ServerArgs::parse();
     args::init_logging(args.log_format);
+    if let Err(e) = gpt2_engine::Isa::from_env() {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -58,6 +62,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         model = ?pipeline.source(),
         dtype = ?args.dtype,
         kv_dtype = ?args.kv_dtype,
+        isa = %gpt2_engine::Isa::active(),
         load_ms = loading.elapsed().as_millis() as u64,
         "model loaded"
     );

@@ -82,7 +82,17 @@ fn sagemaker_headers_and_charset_are_accepted() {
 fn every_error_is_json_with_the_right_status() {
     let server = Server::start(&[]);
     let json = [("Content-Type", "application/json")];
-    let cases: Vec<(&str, &str, Vec<(&str, &str)>, Vec<u8>, u16, &str, &str)> = vec![
+    // (method, path, headers, body, status, error_type, message fragment)
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        Vec<u8>,
+        u16,
+        &'a str,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/invocations",

@@ -172,6 +172,25 @@ fn bad_arguments_exit_non_zero_with_a_message() {
     let out = run(&[], &[("SAGEMAKER_BIND_TO_PORT", "not-a-port")]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("SAGEMAKER_BIND_TO_PORT"));
+    let out = run(&["--port", "0"], &[("GPT2_ISA", "sse9")]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("GPT2_ISA") && stderr.contains("portable"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn gpt2_isa_pins_the_kernels_the_server_runs() {
+    let server = Server::start_with_env(&[], &[("GPT2_ISA", "portable")]);
+    // "model loaded" comes before "listening", which Server::start waited for.
+    let lines = server.log_lines();
+    let loaded = lines
+        .iter()
+        .find(|l| l.contains("model loaded"))
+        .expect("a model loaded line");
+    assert!(loaded.contains(r#""isa":"portable""#), "{loaded}");
 }
 
 #[test]

@@ -39,6 +39,10 @@ mod run;
 mod worker;
 
 pub use events::{FinishReason, GenerationEvent, SequenceEnd, TokenEvent};
+/// The crates behind this one's public types ([`Pipeline::model`], [`Pipeline::tokenizer`], the
+/// errors), re-exported so that callers name them at the same versions.
+pub use {gpt2_generation, gpt2_model, gpt2_schema, gpt2_tokenizer};
+
 pub use gpt2_generation::{GenerationParams, Strategy};
 pub use gpt2_model::{return_freed_memory_to_os, Isa, IsaError, KvFormat, WeightFormat, ISA_ENV};
 pub use gpt2_schema::{

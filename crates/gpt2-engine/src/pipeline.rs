@@ -259,7 +259,7 @@ pub struct GenerationStream<'p> {
 
 enum StreamState {
     Prepared(Vec<u32>, GenerationParams),
-    Running(Decoding),
+    Running(Box<Decoding>),
     Done,
 }
 
@@ -273,7 +273,9 @@ impl GenerationStream<'_> {
     fn advance(&mut self) -> Result<(), EngineError> {
         let model = self.pipeline.model();
         let decoding = match std::mem::replace(&mut self.state, StreamState::Done) {
-            StreamState::Prepared(prompt, params) => Decoding::start(model, &prompt, params)?,
+            StreamState::Prepared(prompt, params) => {
+                Box::new(Decoding::start(model, &prompt, params)?)
+            }
             StreamState::Running(mut decoding) => {
                 decoding.step(model)?;
                 decoding

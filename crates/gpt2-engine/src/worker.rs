@@ -443,9 +443,8 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
                 continue;
             }
             admitted += 1;
-            match start(pipeline, job, started) {
-                Ok(request) => request.publish(&mut running),
-                Err((job, e)) => job.send(WorkerMessage::Failed(e)),
+            if let Some(request) = start(pipeline, job, started) {
+                request.publish(&mut running);
             }
         }
         if running.is_empty() {
@@ -479,16 +478,14 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
     }
 }
 
-/// Tokenizes and prefills a job's prompt, telling its stream that it started.
-fn start(
-    pipeline: &Pipeline,
-    job: Job,
-    started: Instant,
-) -> Result<Running<'_>, (Job, EngineError)> {
-    let prepared = pipeline.prepare(&job.request);
-    let (prompt, params) = match prepared {
+/// Tokenizes and prefills a job's prompt, telling its stream that it started, or why it failed.
+fn start(pipeline: &Pipeline, job: Job, started: Instant) -> Option<Running<'_>> {
+    let (prompt, params) = match pipeline.prepare(&job.request) {
         Ok(prepared) => prepared,
-        Err(e) => return Err((job, e)),
+        Err(e) => {
+            job.send(WorkerMessage::Failed(e));
+            return None;
+        }
     };
     job.send(WorkerMessage::Started {
         queued: started - job.admitted,
@@ -496,14 +493,17 @@ fn start(
     });
     let decoding = match Decoding::start(pipeline.model(), &prompt, params) {
         Ok(decoding) => decoding,
-        Err(e) => return Err((job, e)),
+        Err(e) => {
+            job.send(WorkerMessage::Failed(e));
+            return None;
+        }
     };
     let events = EventBuilder::new(
         pipeline.tokenizer(),
         job.request.input(),
         job.request.num_return_sequences(),
     );
-    Ok(Running {
+    Some(Running {
         job,
         decoding,
         events,

@@ -249,10 +249,7 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
 
 fn dechunk(mut data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
-        let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") else {
-            break;
-        };
+    while let Some(line_end) = data.windows(2).position(|w| w == b"\r\n") {
         let size = usize::from_str_radix(String::from_utf8_lossy(&data[..line_end]).trim(), 16)
             .unwrap_or(0);
         if size == 0 {
