@@ -296,6 +296,49 @@ def post_invocation(base: str, body: dict, request_id: str):
     return status, rid, payload, latency
 
 
+def post_streamed(base: str, body: dict, request_id: str):
+    """POSTs `body` with `"stream": true`; returns (time to the first `data:` event, time to
+    `data: [DONE]`, number of token events), all client-side."""
+    import http.client
+    from urllib.parse import urlparse
+    url = urlparse(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=3600)
+    t0 = time.perf_counter()
+    conn.request("POST", "/invocations", body=json.dumps({**body, "stream": True}),
+                 headers={"Content-Type": "application/json", "X-Request-Id": request_id})
+    response = conn.getresponse()
+    if response.status != 200:
+        raise BenchError(f"streamed request: HTTP {response.status}: {response.read()[:300]!r}")
+    first, tokens = None, 0
+    while True:
+        line = response.readline()
+        if not line:
+            raise BenchError("streamed request: the stream ended without data: [DONE]")
+        if not line.startswith(b"data: "):
+            continue
+        if first is None:
+            first = time.perf_counter() - t0
+        if line.strip() == b"data: [DONE]":
+            break
+        tokens += b'"token"' in line
+    total = time.perf_counter() - t0
+    conn.close()
+    return first, total, tokens
+
+
+def streamed_first_token(server: Server, runs: int) -> dict:
+    """Time to first token of the streamed default request, alone on the server."""
+    firsts, totals = [], []
+    for i in range(runs):
+        first, total, tokens = post_streamed(server.base, {"input": PROMPT, "seed": 500 + i},
+                                             f"bench-stream-{i}")
+        firsts.append(first)
+        totals.append(total)
+    return {"runs": runs, "first_token_s": firsts, "total_s": totals,
+            "median_first_token_s": statistics.median(firsts),
+            "median_total_s": statistics.median(totals)}
+
+
 def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -> dict:
     barrier = threading.Barrier(clients + 1)
     results = [[] for _ in range(clients)]
@@ -338,7 +381,7 @@ def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -
         if line.get("status") != 200 or "generated_tokens" not in line:
             raise server.fail(f"unexpected log line for {r['request_id']}: {line}")
         r["generated_tokens"] = int(line["generated_tokens"])
-        for k in ("queue_ms", "generation_ms", "total_ms"):
+        for k in ("queue_ms", "first_token_ms", "generation_ms", "total_ms"):
             r[k] = line.get(k)
     lat = [r["latency_s"] for r in requests]
     tokens = sum(r["generated_tokens"] for r in requests)
@@ -352,15 +395,19 @@ def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -
         "p50_latency_s": percentile(lat, 50),
         "p99_latency_s": percentile(lat, 99),
         "mean_queue_ms": statistics.mean(r["queue_ms"] or 0 for r in requests),
+        "p50_first_token_s": percentile([(r["first_token_ms"] or 0) / 1000 for r in requests], 50),
     }
 
 
-def run_sweep(args) -> list:
+def run_sweep(args) -> tuple:
     server = Server(args)
     levels = []
     try:
         server.wait_ready()
         log(f"gpt2-server ready on {server.base}")
+        streamed = streamed_first_token(server, max(args.runs, 3))
+        log(f"streamed default request: first token after {streamed['median_first_token_s']:.3f} s "
+            f"(median), whole answer {streamed['median_total_s']:.3f} s")
         seed_base = 1000
         for n in args.clients:
             per_client = max(args.requests_per_client, 3) if n == 1 else args.requests_per_client
@@ -378,7 +425,7 @@ def run_sweep(args) -> list:
                                         if base else None)
         lv["p50_vs_lone_request"] = (lv["p50_latency_s"] / base["p50_latency_s"]
                                      if base else None)
-    return levels
+    return levels, streamed
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,14 +509,15 @@ def shapes_rows(shapes: dict):
 
 def sweep_rows(levels: list):
     header = ["clients", "requests", "aggregate tok/s", "vs 1 client", "p50 latency s",
-              "p99 latency s", "p50 / lone request"]
+              "p99 latency s", "p50 / lone request", "p50 first token s"]
     rows = []
     for lv in levels:
         rows.append([str(lv["clients"]), str(len(lv["requests"])),
                      fmt(lv["aggregate_tokens_per_s"], ".1f"),
                      fmt(lv["throughput_vs_1_client"], ".2f") + ("×" if lv["throughput_vs_1_client"] else ""),
                      fmt(lv["p50_latency_s"]), fmt(lv["p99_latency_s"]),
-                     fmt(lv["p50_vs_lone_request"], ".2f") + ("×" if lv["p50_vs_lone_request"] else "")])
+                     fmt(lv["p50_vs_lone_request"], ".2f") + ("×" if lv["p50_vs_lone_request"] else ""),
+                     fmt(lv.get("p50_first_token_s"))])
     return header, rows
 
 
@@ -527,7 +575,7 @@ def make_plot(levels: list, hf_tps, png: Path) -> None:
 
 
 def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: dict,
-                   levels, command: str) -> None:
+                   levels, streamed, command: str) -> None:
     m = meta
     parts = [
         "# Performance: gpt2-rs vs Hugging Face transformers (CPU)",
@@ -594,9 +642,18 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "Columns: *aggregate tok/s* is the generated tokens of all the level's requests (from "
             "the server's JSON log line of each request) / the level's wall time; *vs 1 client* "
             "is that divided by the 1-client value; *p50* / *p99 latency* are client-side request "
-            "latencies; *p50 / lone request* is the p50 divided by the 1-client p50.",
+            "latencies; *p50 / lone request* is the p50 divided by the 1-client p50; *p50 first "
+            "token* is the median time from admission to the first token (`first_token_ms` of the "
+            "server's log lines).",
             "",
         ]
+        if streamed:
+            parts += [
+                "Time to first token of the streamed default request (`\"stream\": true`), alone "
+                f"on the server, client-side: **{streamed['median_first_token_s']:.3f} s** (median "
+                f"of {streamed['runs']}; the whole answer took {streamed['median_total_s']:.3f} s).",
+                "",
+            ]
     else:
         parts += ["(not run)", ""]
     parts += ["## Notes", "", "(analysis written by hand after each run)", ""]
@@ -694,7 +751,7 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpt2-bench-") as tmp:
         shapes = run_shapes(args, Path(tmp)) if args.shapes else {}
-    levels = [] if args.skip_sweep or not args.clients else run_sweep(args)
+    levels, streamed = ([], None) if args.skip_sweep or not args.clients else run_sweep(args)
 
     out_md = args.output
     out_png = out_md.with_suffix(".png")
@@ -709,6 +766,8 @@ def main(argv=None) -> int:
     if levels:
         print("Concurrency sweep (gpt2-server, default request)")
         print(text_table(*sweep_rows(levels)))
+        print(f"Streamed default request alone: first token after "
+              f"{streamed['median_first_token_s']:.3f} s (median of {streamed['runs']})")
         hf = hf_default_tps(shapes)
         if hf is not None:
             print(f"HF transformers, 1 client, default request: {hf:.1f} tok/s")
@@ -718,11 +777,12 @@ def main(argv=None) -> int:
     raw = {"meta": meta, "command": command,
            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "shapes": shapes,
-           "sweep": {"levels": levels, "hf_default_1_client_tokens_per_s": hf_default_tps(shapes)}}
+           "sweep": {"levels": levels, "hf_default_1_client_tokens_per_s": hf_default_tps(shapes),
+                     "streamed_default_request": streamed}}
     out_json.write_text(json.dumps(raw, indent=2) + "\n")
     if levels:
         make_plot(levels, hf_default_tps(shapes), out_png)
-    write_markdown(out_md, out_png, out_json, meta, args, shapes, levels, command)
+    write_markdown(out_md, out_png, out_json, meta, args, shapes, levels, streamed, command)
     log(f"wrote {out_md}, {out_json}" + (f", {out_png}" if levels else ""))
     return 0
 
