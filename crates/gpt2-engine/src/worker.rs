@@ -740,4 +740,22 @@ mod tests {
         );
         assert!(next_event(&mut stream).await.is_none());
     }
+
+    #[test]
+    fn extreme_values_that_pass_validation_are_served() {
+        let pipeline = Pipeline::demo();
+        let greedy = pipeline
+            .generate(&request(r#"{"input": "Hello", "mode": "greedy", "max_length": 20, "num_return_sequences": 1}"#))
+            .unwrap();
+        // A temperature that overflows the logits is the greedy limit, not NaN noise.
+        let cold = pipeline
+            .generate(&request(r#"{"input": "Hello", "mode": "sample", "temperature": 1e-38, "seed": 1, "max_length": 20, "num_return_sequences": 1}"#))
+            .unwrap();
+        assert_eq!(cold, greedy);
+        // The smallest top_p keeps only the most likely token: greedy again.
+        let narrow = pipeline
+            .generate(&request(r#"{"input": "Hello", "top_p": 1e-40, "seed": 1, "max_length": 20, "num_return_sequences": 1}"#))
+            .unwrap();
+        assert_eq!(narrow, greedy);
+    }
 }

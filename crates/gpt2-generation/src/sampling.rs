@@ -38,6 +38,17 @@ impl Candidates {
             .map(|(id, &l)| (id as u32, warp(l)))
             .filter(|&(_, w)| threshold.is_none_or(|t| w >= t))
             .collect();
+        // A temperature so small that logit / temperature overflows f32 leaves infinities, and
+        // softmax would compute ∞ − ∞ = NaN. Such a temperature is the limit towards 0, which is
+        // greedy: the tokens with the highest logit share the probability.
+        if tokens.iter().any(|&(_, w)| !w.is_finite()) {
+            let highest = tokens
+                .iter()
+                .map(|&(id, _)| logits[id as usize])
+                .fold(f32::NEG_INFINITY, f32::max);
+            tokens.retain(|&(id, _)| logits[id as usize] == highest);
+            tokens.iter_mut().for_each(|token| token.1 = 0.0);
+        }
         sort_descending(&mut tokens);
         if params.top_p < 1.0 {
             keep_top_p(&mut tokens, params.top_p);
@@ -224,6 +235,32 @@ mod tests {
             ids(&Candidates::from_logits(&logits, &params(1.0, 0, 1e-6))),
             vec![0]
         );
+    }
+
+    #[test]
+    fn a_temperature_that_overflows_the_logits_samples_among_the_highest() {
+        let logits = [1.0, 3.0, -2.0, 3.0, 0.5];
+        for temperature in [1e-38, 1e-45, f32::MIN_POSITIVE] {
+            let candidates = Candidates::from_logits(&logits, &params(temperature, 0, 0.92));
+            assert_eq!(ids(&candidates), vec![1, 3], "t = {temperature:e}");
+            let probabilities = candidates.probabilities();
+            assert!(probabilities.iter().all(|p| p.is_finite() && *p > 0.0));
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(1);
+            assert!(matches!(candidates.draw(&mut rng), Some(1 | 3)));
+        }
+        // Only negative logits: their quotients overflow to −∞ but the highest still wins.
+        let negative = [-1.0, -3.0];
+        for temperature in [1e-38, 1e-45] {
+            let candidates = Candidates::from_logits(&negative, &params(temperature, 0, 1.0));
+            let probabilities = candidates.probabilities();
+            assert_eq!(candidates.tokens[0].0, 0);
+            assert_eq!(
+                probabilities[0], 1.0,
+                "t = {temperature:e}: {probabilities:?}"
+            );
+            let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(2);
+            assert_eq!(candidates.draw(&mut rng), Some(0));
+        }
     }
 
     #[test]

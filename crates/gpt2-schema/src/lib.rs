@@ -178,6 +178,84 @@ fn describe(value: &Value) -> &'static str {
     }
 }
 
+/// Parses a JSON body, refusing duplicate keys: serde_json would keep the last one silently, so
+/// `{"num_return_sequences": 1000000, "num_return_sequences": 1}` would pass a proxy that checked
+/// the first and reach us as the second.
+pub fn parse_json(body: &[u8]) -> Result<Value, RequestError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = serde::Deserialize::deserialize(&mut deserializer)
+        .and_then(|StrictValue(value)| deserializer.end().map(|()| value))
+        .map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+    Ok(value)
+}
+
+/// A JSON value whose objects have distinct keys.
+struct StrictValue(Value);
+
+impl<'de> serde::Deserialize<'de> for StrictValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(StrictVisitor).map(StrictValue)
+    }
+}
+
+struct StrictVisitor;
+
+impl<'de> serde::de::Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+
+    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(StrictValue(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!("duplicate key {key:?}")));
+            }
+            let StrictValue(value) = map.next_value()?;
+            object.insert(key, value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
 /// An integer field. Integral floats such as `50.0` are accepted (JSON has one number type, and
 /// clients in JavaScript or with numpy often send them); `50.5` is not.
 fn integer(field: &'static str, value: &Value) -> Result<i128, RequestError> {
@@ -188,7 +266,9 @@ fn integer(field: &'static str, value: &Value) -> Result<i128, RequestError> {
         return Ok(i128::from(n));
     }
     if let Some(f) = value.as_f64() {
-        if f.fract() == 0.0 && f.abs() < 9.0e18 {
+        // Integral floats (2^64 arrives as one) keep their magnitude, so that the range checks
+        // say "out of range" rather than "not an integer"; `as` saturates beyond i128.
+        if f.fract() == 0.0 {
             return Ok(f as i128);
         }
         return Err(RequestError::invalid(
@@ -233,8 +313,7 @@ fn number(field: &'static str, value: &Value) -> Result<f64, RequestError> {
 impl GenerationRequest {
     /// Parses and validates a request body.
     pub fn from_json(body: &[u8], limits: &Limits) -> Result<Self, RequestError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| RequestError::MalformedJson(e.to_string()))?;
+        let value = parse_json(body)?;
         let Value::Object(object) = value else {
             return Err(RequestError::MalformedJson(format!(
                 "the body must be a JSON object, got {}",
@@ -359,6 +438,12 @@ impl GenerationRequest {
                 return Err(RequestError::invalid(
                     "top_p",
                     format!("must be in (0, 1], got {p}"),
+                ));
+            }
+            if p as f32 == 0.0 {
+                return Err(RequestError::invalid(
+                    "top_p",
+                    format!("is too small to compute with (below 1.4e-45, the smallest float32), got {p}"),
                 ));
             }
             request.top_p = p as f32;

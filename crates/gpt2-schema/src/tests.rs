@@ -294,3 +294,42 @@ fn stream_is_a_boolean() {
     assert!(!parse(r#"{"input": "x", "stream": null}"#).unwrap().stream());
     assert_eq!(field_of(r#"{"input": "x", "stream": "yes"}"#), "stream");
 }
+
+#[test]
+fn duplicate_keys_are_refused_at_any_depth() {
+    for body in [
+        r#"{"input": "x", "num_return_sequences": 1000000, "num_return_sequences": 1}"#,
+        r#"{"input": "x", "input": "y"}"#,
+        r#"{"input": "x", "extra": {"a": 1, "a": 2}}"#,
+        r#"{"input": "x", "extra": [{"b": 1, "b": 1}]}"#,
+    ] {
+        let err = parse(body).unwrap_err();
+        assert_eq!(err.kind(), "malformed_json", "{body}");
+        assert!(err.to_string().contains("duplicate key"), "{err}");
+    }
+    // The same key in different objects is fine, and trailing garbage is still refused.
+    assert!(parse(r#"{"input": "x", "a": {"k": 1}, "b": {"k": 1}}"#).is_ok());
+    assert_eq!(
+        parse(r#"{"input": "x"} {}"#).unwrap_err().kind(),
+        "malformed_json"
+    );
+}
+
+#[test]
+fn integers_beyond_64_bits_are_out_of_range_not_fractional() {
+    let err = parse(r#"{"input": "x", "max_length": 18446744073709551616}"#).unwrap_err();
+    assert_eq!(err.field(), Some("max_length"));
+    assert!(err.to_string().contains("must be at most"), "{err}");
+    let err = parse(r#"{"input": "x", "seed": 1e300}"#).unwrap_err();
+    assert!(err.to_string().contains("64 bits"), "{err}");
+    let err = parse(r#"{"input": "x", "top_k": 2.5}"#).unwrap_err();
+    assert!(err.to_string().contains("must be an integer"), "{err}");
+}
+
+#[test]
+fn a_top_p_below_the_smallest_float32_is_refused_and_tiny_ones_are_served() {
+    let err = parse(r#"{"input": "x", "top_p": 1e-46}"#).unwrap_err();
+    assert_eq!(err.field(), Some("top_p"));
+    let tiny = parse(r#"{"input": "x", "top_p": 1e-40}"#).unwrap();
+    assert!(tiny.top_p() > 0.0);
+}
