@@ -214,6 +214,7 @@ async fn invoke(
         answered: false,
     };
     let mut mode = None;
+    let mut streamed = framing.is_some();
     let result = async {
         check_content_type(&headers)?;
         let body = read_body(body)?;
@@ -223,6 +224,7 @@ async fn invoke(
             streaming::wants_stream(&headers, request.stream()).then_some(Framing::ServerSentEvents)
         });
         if let Some(framing) = framing {
+            streamed = true;
             let stream = state.engine.stream(request)?;
             let log = StreamLog {
                 request_id: request_id.clone(),
@@ -261,6 +263,7 @@ async fn invoke(
                 request_id,
                 status = error.status.as_u16(),
                 mode = mode.unwrap_or("-"),
+                stream = streamed,
                 error_type = error.error_type,
                 error = %error.message,
                 total_ms,
@@ -273,6 +276,7 @@ async fn invoke(
                 request_id,
                 status = error.status.as_u16(),
                 mode = mode.unwrap_or("-"),
+                stream = streamed,
                 error_type = error.error_type,
                 error = %error.message,
                 total_ms,

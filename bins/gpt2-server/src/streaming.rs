@@ -148,7 +148,6 @@ impl SseState {
                 json!({"error": error.message, "error_type": error.error_type})
             }
             Some(Ok(GenerationEvent::Token(token))) => {
-                self.generated_tokens += 1;
                 let mut data = json!({
                     "index": token.index,
                     "token": {"id": token.id, "text": token.text, "logprob": finite(token.logprob)},
@@ -157,6 +156,7 @@ impl SseState {
                 if let Some(GenerationEvent::End(end)) = self.stream.peek_ready() {
                     if end.index == token.index {
                         if let Some(Ok(GenerationEvent::End(end))) = self.stream.next().await {
+                            self.generated_tokens += end.generated_tokens;
                             data["finish_reason"] = json!(end.finish_reason.name());
                             data["generated_text"] = json!(end.text);
                         }
@@ -164,16 +164,20 @@ impl SseState {
                 }
                 data
             }
-            Some(Ok(GenerationEvent::End(end))) => json!({
+            Some(Ok(GenerationEvent::End(end))) => {
+                self.generated_tokens += end.generated_tokens;
+                json!({
                 "index": end.index,
                 "finish_reason": end.finish_reason.name(),
                 "generated_text": end.text,
-            }),
+                })
+            }
         };
         Some(Bytes::from(format!("data: {data}\n\n")))
     }
 
-    /// Writes the request's log line once its stream has ended.
+    /// Writes the request's log line once its stream has ended; `generated_tokens` counts the
+    /// tokens of the ended sequences (beam search's too, which send no token events).
     fn finish(&mut self, status: u16, error: Option<&ApiError>) {
         self.finished = true;
         let timings = self.stream.timings();
@@ -189,6 +193,7 @@ impl SseState {
                 generated_tokens = self.generated_tokens,
                 queue_ms = timings.queued.as_millis() as u64,
                 first_token_ms,
+                generation_ms = timings.generation.as_millis() as u64,
                 total_ms,
                 "invocation"
             ),
