@@ -225,7 +225,7 @@ async fn invoke(
         });
         if let Some(framing) = framing {
             streamed = true;
-            let stream = state.engine.stream(request)?;
+            let stream = state.engine.stream(request).await?;
             let log = StreamLog {
                 request_id: request_id.clone(),
                 mode: mode.unwrap_or("-"),

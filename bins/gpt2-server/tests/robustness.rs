@@ -48,6 +48,35 @@ fn full_queue_answers_503_with_retry_after_at_once() {
 }
 
 #[test]
+fn a_prompt_that_cannot_fit_is_a_422_even_under_a_full_queue() {
+    let server = Server::start(&["--queue-capacity", "1"]);
+    let _busy = server
+        .send("POST", "/invocations", &JSON, LONG_REQUEST.as_bytes())
+        .unwrap();
+    wait_until_busy();
+    // 5 MB without a space: refused by its length, before admission and without tokenizing it.
+    let huge = format!(r#"{{"input": "{}"}}"#, "x".repeat(5 << 20));
+    let started = Instant::now();
+    let refused = server.invoke(&huge);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(refused.status, 422);
+    let (message, error_type) = refused.error();
+    assert_eq!(error_type, "validation_error");
+    assert!(
+        message.contains("`input`") && message.contains("bytes"),
+        "{message}"
+    );
+    // Too many tokens in few bytes: also a 422, not the full queue's 503.
+    let over = format!(r#"{{"input": "{}"}}"#, "a ".repeat(1100));
+    assert_eq!(server.invoke(&over).status, 422);
+    assert_eq!(server.invoke(r#"{"input": "Hi"}"#).status, 503);
+}
+
+#[test]
 fn a_client_that_disconnects_frees_its_place() {
     let server = Server::start(&["--queue-capacity", "1"]);
     let busy = server

@@ -35,6 +35,7 @@
 
 mod events;
 mod pipeline;
+mod prepare;
 mod run;
 mod worker;
 

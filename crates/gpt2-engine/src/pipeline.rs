@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 use gpt2_generation::GenerationParams;
 use gpt2_model::{Gpt2Model, KvFormat, WeightFormat};
-use gpt2_schema::{GenerationRequest, Limits, RequestError};
+use gpt2_schema::{GenerationRequest, Limits};
 use gpt2_tokenizer::Gpt2Tokenizer;
 
 use std::collections::VecDeque;
@@ -213,27 +213,7 @@ impl Pipeline {
         &self,
         request: &GenerationRequest,
     ) -> Result<(Vec<u32>, GenerationParams), EngineError> {
-        let prompt = self.tokenizer.encode(request.input())?;
-        let config = self.model.config();
-        if prompt.is_empty() {
-            return Err(RequestError::InvalidField {
-                field: "input",
-                reason: "encodes to no tokens".into(),
-            }
-            .into());
-        }
-        if let Some(&bad) = prompt.iter().find(|&&id| id as usize >= config.vocab_size) {
-            return Err(RequestError::InvalidField {
-                field: "input",
-                reason: format!(
-                    "encodes to token {bad}, outside this model's vocabulary of {}",
-                    config.vocab_size
-                ),
-            }
-            .into());
-        }
-        let params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
-        Ok((prompt, params))
+        crate::prepare::prepare_request(&self.tokenizer, self.model.config(), request)
     }
 }
 

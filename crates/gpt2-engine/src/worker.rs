@@ -16,6 +16,7 @@ use gpt2_schema::GenerationRequest;
 use tokio::sync::{mpsc as channel, OwnedSemaphorePermit, Semaphore};
 
 use crate::events::{EventBuilder, GenerationEvent};
+use crate::prepare::Preparer;
 use crate::{Decoding, EngineError, GenerationOutput, Pipeline};
 
 /// How the worker admits and bounds requests.
@@ -82,6 +83,9 @@ enum WorkerMessage {
 
 struct Job {
     request: GenerationRequest,
+    /// The prompt's ids and the generation parameters, prepared before admission.
+    prompt: Vec<u32>,
+    params: gpt2_generation::GenerationParams,
     cancelled: Arc<AtomicBool>,
     deadline: Instant,
     admitted: Instant,
@@ -109,6 +113,7 @@ impl Drop for CancelOnDrop {
 #[derive(Clone)]
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
+    preparer: Preparer,
     admission: Arc<Semaphore>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -141,6 +146,7 @@ impl Engine {
         config: EngineConfig,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::channel::<Job>();
+        let preparer = Preparer::new(pipeline.tokenizer(), pipeline.model().config());
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let alive = Arc::new(AtomicBool::new(true));
@@ -153,6 +159,7 @@ impl Engine {
             })?;
         let engine = Self {
             jobs,
+            preparer,
             admission: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
             config,
             stats,
@@ -181,12 +188,21 @@ impl Engine {
         self.config.queue_capacity.max(1) - self.admission.available_permits()
     }
 
-    /// Queues a request and returns the stream of its events, or refuses it at once with
-    /// [`SubmitError::QueueFull`] when the queue is full. The stream ends after the last
-    /// sequence's [`GenerationEvent::End`], or with one error (the request's own, a passed
-    /// deadline, a stopped worker). Dropping it (the client went away) frees the place and stops
-    /// the generation at the next step.
-    pub fn stream(&self, request: GenerationRequest) -> Result<EngineStream, SubmitError> {
+    /// Prepares a request (tokenizes its prompt and checks the limits that need it, on Tokio's
+    /// blocking pool), queues it and returns the stream of its events. Refused at once with the
+    /// request's own error (before admission, so even when the queue is full), or with
+    /// [`SubmitError::QueueFull`] when every place is taken. The stream ends after the last
+    /// sequence's [`GenerationEvent::End`], or with one error (a passed deadline, a failed step,
+    /// a stopped worker). Dropping it (the client went away) frees the place and stops the
+    /// generation at the next step. Must run inside a Tokio runtime.
+    pub async fn stream(&self, request: GenerationRequest) -> Result<EngineStream, SubmitError> {
+        let preparer = self.preparer.clone();
+        let (request, prompt, params) = tokio::task::spawn_blocking(move || {
+            let (prompt, params) = preparer.prepare(&request)?;
+            Ok::<_, EngineError>((request, prompt, params))
+        })
+        .await
+        .map_err(|_| SubmitError::WorkerGone)??;
         let permit =
             self.admission
                 .clone()
@@ -201,6 +217,8 @@ impl Engine {
         self.jobs
             .send(Job {
                 request,
+                prompt,
+                params,
                 cancelled: cancelled.clone(),
                 deadline,
                 admitted,
@@ -226,7 +244,7 @@ impl Engine {
     /// Queues a request and waits for its whole answer: [`Engine::stream`], collected.
     pub async fn generate(&self, request: GenerationRequest) -> Result<Completed, SubmitError> {
         let mut texts = vec![None; request.num_return_sequences()];
-        let mut stream = self.stream(request)?;
+        let mut stream = self.stream(request).await?;
         let mut generated_tokens = 0;
         while let Some(event) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await
         {
@@ -279,6 +297,16 @@ pub struct EngineStream {
     ended: bool,
     _cancel_on_drop: CancelOnDrop,
     _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for EngineStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EngineStream")
+            .field("prompt_tokens", &self.prompt_tokens)
+            .field("ready", &self.ready.len())
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EngineStream {
@@ -478,20 +506,14 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
     }
 }
 
-/// Tokenizes and prefills a job's prompt, telling its stream that it started, or why it failed.
-fn start(pipeline: &Pipeline, job: Job, started: Instant) -> Option<Running<'_>> {
-    let (prompt, params) = match pipeline.prepare(&job.request) {
-        Ok(prepared) => prepared,
-        Err(e) => {
-            job.send(WorkerMessage::Failed(e));
-            return None;
-        }
-    };
+/// Prefills a job's prompt, telling its stream that it started, or why it failed.
+fn start(pipeline: &Pipeline, mut job: Job, started: Instant) -> Option<Running<'_>> {
+    let prompt = std::mem::take(&mut job.prompt);
     job.send(WorkerMessage::Started {
         queued: started - job.admitted,
         prompt_tokens: prompt.len(),
     });
-    let decoding = match Decoding::start(pipeline.model(), &prompt, params) {
+    let decoding = match Decoding::start(pipeline.model(), &prompt, job.params.clone()) {
         Ok(decoding) => decoding,
         Err(e) => {
             job.send(WorkerMessage::Failed(e));
@@ -663,7 +685,7 @@ mod tests {
             let plain = pipeline.generate(&request(body)).unwrap();
             let mut deltas = vec![String::new(); plain.len()];
             let mut ends = vec![None; plain.len()];
-            let mut stream = engine.stream(request(body)).unwrap();
+            let mut stream = engine.stream(request(body)).await.unwrap();
             while let Some(event) = next_event(&mut stream).await {
                 match event.unwrap() {
                     GenerationEvent::Token(token) => {
@@ -704,10 +726,10 @@ mod tests {
         };
         let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
         let long = r#"{"input": "Hi", "seed": 1, "max_length": 1000, "num_return_sequences": 16}"#;
-        let mut stream = engine.stream(request(long)).unwrap();
+        let mut stream = engine.stream(request(long)).await.unwrap();
         assert!(matches!(next_event(&mut stream).await, Some(Ok(_))));
         assert!(matches!(
-            engine.stream(request(r#"{"input": "Hi"}"#)),
+            engine.stream(request(r#"{"input": "Hi"}"#)).await,
             Err(SubmitError::QueueFull { .. })
         ));
         let steps_before = engine.stats().decode_steps.load(Ordering::Relaxed);
@@ -725,20 +747,40 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn an_invalid_request_fails_before_any_event() {
-        let (engine, _thread) = Engine::start(Pipeline::demo(), EngineConfig::default()).unwrap();
-        let mut stream = engine
-            .stream(request(r#"{"input": "Hello there", "max_length": 2}"#))
-            .unwrap();
-        let first = next_event(&mut stream).await;
+    async fn a_prompt_that_cannot_fit_is_refused_before_admission_even_when_the_queue_is_full() {
+        let config = EngineConfig {
+            queue_capacity: 1,
+            deadline: Duration::from_secs(60),
+        };
+        let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
+        let long = r#"{"input": "Hi", "seed": 1, "max_length": 1000, "num_return_sequences": 16}"#;
+        let _running = engine.stream(request(long)).await.unwrap();
+        // 6 MB without spaces: refused by its length alone, without tokenizing it.
+        let huge = format!(r#"{{"input": "{}"}}"#, "x".repeat(6 << 20));
+        let started = Instant::now();
+        match engine.stream(request(&huge)).await {
+            Err(SubmitError::Engine(EngineError::Request(e))) => {
+                assert_eq!(e.field(), Some("input"));
+                assert!(e.to_string().contains("at most 131072 bytes"), "{e}");
+            }
+            Err(e) => panic!("{e:?}"),
+            Ok(_) => panic!("a 6 MB prompt was admitted"),
+        }
         assert!(
-            matches!(
-                first,
-                Some(Err(SubmitError::Engine(EngineError::Request(_))))
-            ),
-            "{first:?}"
+            started.elapsed() < Duration::from_secs(1),
+            "{:?}",
+            started.elapsed()
         );
-        assert!(next_event(&mut stream).await.is_none());
+        // Short enough in bytes but too many tokens: still a field error, not 503.
+        let over = format!(r#"{{"input": "{}"}}"#, "a ".repeat(1100));
+        let refused = engine.stream(request(&over)).await;
+        assert!(
+            matches!(refused, Err(SubmitError::Engine(EngineError::Request(_)))),
+            "{refused:?}"
+        );
+        // A valid request meets the full queue.
+        let queued = engine.stream(request(r#"{"input": "Hi"}"#)).await;
+        assert!(matches!(queued, Err(SubmitError::QueueFull { .. })));
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct Gpt2Tokenizer {
     inner: Tokenizer,
     source: TokenizerSource,
     special_ids: Vec<u32>,
+    /// Input bytes the longest token covers (one per character of a byte-level token).
+    max_token_bytes: usize,
 }
 
 impl std::fmt::Debug for Gpt2Tokenizer {
@@ -146,10 +148,18 @@ impl Gpt2Tokenizer {
             .map(|(id, _)| *id)
             .collect();
         special_ids.sort_unstable();
+        let max_token_bytes = inner
+            .get_vocab(true)
+            .keys()
+            .map(|token| token.chars().count())
+            .max()
+            .unwrap_or(1)
+            .max(1);
         Self {
             inner,
             source,
             special_ids,
+            max_token_bytes,
         }
     }
 
@@ -161,6 +171,12 @@ impl Gpt2Tokenizer {
     /// Number of ids, added tokens included (50,257 for GPT-2).
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The most input bytes one token can cover (128 for GPT-2): a text longer than `n` times
+    /// this encodes to more than `n` tokens, which callers can tell without encoding it.
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
     }
 
     /// The id of `<|endoftext|>`, when the vocabulary has it.
@@ -211,6 +227,17 @@ mod tests {
         assert_eq!(tokenizer.end_of_text_id(), Some(END_OF_TEXT_ID));
         assert!(tokenizer.is_special(END_OF_TEXT_ID));
         assert!(!tokenizer.is_special(0));
+    }
+
+    #[test]
+    fn no_token_covers_more_input_bytes_than_max_token_bytes() {
+        let tokenizer = Gpt2Tokenizer::embedded().unwrap();
+        assert_eq!(tokenizer.max_token_bytes(), 128);
+        // The longest token: 128 bytes of input in one id, and one byte more needs a second id.
+        let longest = "ÃÂ".repeat(32);
+        assert_eq!(longest.len(), 128);
+        assert_eq!(tokenizer.encode(&longest).unwrap().len(), 1);
+        assert_eq!(tokenizer.encode(&format!("{longest}x")).unwrap().len(), 2);
     }
 
     #[test]
