@@ -1,12 +1,35 @@
+use std::ffi::{OsStr, OsString};
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Parser, ValueEnum};
+use clap::error::{ContextKind, ContextValue, ErrorKind};
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use gpt2_engine::{EngineConfig, KvFormat, Limits, ModelSource, WeightFormat};
 
 /// Environment variable SageMaker sets to the port a container must listen on.
 pub const SAGEMAKER_PORT_ENV: &str = "SAGEMAKER_BIND_TO_PORT";
+/// SageMaker's model-server timeout in seconds (set by the SageMaker Python SDK and by users in a
+/// model's `Environment`): the default of `--deadline-secs`.
+pub const SAGEMAKER_TIMEOUT_ENV: &str = "SAGEMAKER_MODEL_SERVER_TIMEOUT";
+/// SageMaker's number of model-server worker processes: ignored (one inference worker batches
+/// every request), logged when set.
+pub const SAGEMAKER_WORKERS_ENV: &str = "SAGEMAKER_MODEL_SERVER_WORKERS";
+
+/// Port when neither `--port`, `$SAGEMAKER_BIND_TO_PORT` nor `$GPT2_PORT` says otherwise.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Deadline when neither `--deadline-secs`, `$GPT2_DEADLINE_SECS` nor
+/// `$SAGEMAKER_MODEL_SERVER_TIMEOUT` says otherwise: SageMaker's own invocation timeout.
+pub const DEFAULT_DEADLINE_SECS: u64 = 60;
+/// Largest `--queue-capacity`.
+pub const MAX_QUEUE_CAPACITY: u64 = 65_536;
+/// Largest `--deadline-secs` (and `$SAGEMAKER_MODEL_SERVER_TIMEOUT`): one day.
+pub const MAX_DEADLINE_SECS: u64 = 86_400;
+/// Largest `--shutdown-grace-secs`: one hour.
+pub const MAX_SHUTDOWN_GRACE_SECS: u64 = 3_600;
+/// Largest `--max-num-return-sequences` and `--max-num-beams`.
+pub const MAX_REQUEST_LIMIT: u64 = 1_024;
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -17,51 +40,131 @@ pub enum LogFormat {
     Json,
 }
 
+const AFTER_HELP: &str = "\
+Every option also reads the environment variable shown with it; the option wins when both are \
+given, and an empty variable counts as unset.
+
+Other environment variables:
+  SAGEMAKER_BIND_TO_PORT          Port, when --port is not given (wins over GPT2_PORT)
+  SAGEMAKER_MODEL_SERVER_TIMEOUT  Deadline in seconds, when neither --deadline-secs nor
+                                  GPT2_DEADLINE_SECS is given
+  SAGEMAKER_MODEL_SERVER_WORKERS  Ignored (logged): one inference worker batches every request
+  RAYON_NUM_THREADS               Compute threads (default: all cores)
+  GPT2_ISA                        Kernel instruction set: portable, avx2 or avx512
+  RUST_LOG                        Log filter (default: info)";
+
 #[derive(Debug, Parser)]
 #[command(
     name = "gpt2-server",
     version,
-    about = "Serve the GPT-2 API over HTTP (SageMaker-compatible)"
+    about = "Serve the GPT-2 API over HTTP (SageMaker-compatible)",
+    after_help = AFTER_HELP
 )]
 pub struct ServerArgs {
     /// Accepted for SageMaker, which starts containers with `serve`.
     #[arg(value_parser = ["serve"])]
     pub command: Option<String>,
     /// Model directory (default: /opt/ml/model when it exists, else the demo model).
-    #[arg(long, env = "GPT2_MODEL_DIR")]
+    #[arg(long, env = "GPT2_MODEL_DIR", value_name = "DIR")]
     pub model: Option<PathBuf>,
     /// Address to listen on.
-    #[arg(long, default_value = "0.0.0.0")]
+    #[arg(
+        long,
+        env = "GPT2_HOST",
+        value_name = "ADDR",
+        default_value = "0.0.0.0"
+    )]
     pub host: IpAddr,
-    /// Port to listen on (default: $SAGEMAKER_BIND_TO_PORT, else 8080).
-    #[arg(long)]
+    /// Port to listen on [default: $SAGEMAKER_BIND_TO_PORT, else $GPT2_PORT, else 8080].
+    #[arg(long, env = "GPT2_PORT", value_name = "N")]
     pub port: Option<u16>,
     /// Requests admitted at once (running and waiting); more get 503 with Retry-After.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(
+        long,
+        env = "GPT2_QUEUE_CAPACITY",
+        value_name = "N",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_QUEUE_CAPACITY)
+    )]
     pub queue_capacity: u64,
-    /// Per-request deadline in seconds, from admission to answer.
-    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
-    pub deadline_secs: u64,
-    /// On SIGTERM/SIGINT, how long in-flight requests may still run, in seconds.
-    #[arg(long, default_value_t = 30)]
+    /// Per-request deadline in seconds, from admission to answer, at most 86400
+    /// [default: $SAGEMAKER_MODEL_SERVER_TIMEOUT, else 60].
+    #[arg(
+        long,
+        env = "GPT2_DEADLINE_SECS",
+        value_name = "SECS",
+        value_parser = clap::value_parser!(u64).range(1..=MAX_DEADLINE_SECS)
+    )]
+    pub deadline_secs: Option<u64>,
+    /// On SIGTERM/SIGINT, how long in-flight requests may still run, in seconds (at most 3600).
+    #[arg(
+        long,
+        env = "GPT2_SHUTDOWN_GRACE_SECS",
+        value_name = "SECS",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS)
+    )]
     pub shutdown_grace_secs: u64,
     /// Largest num_return_sequences a request may ask for.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(
+        long,
+        env = "GPT2_MAX_NUM_RETURN_SEQUENCES",
+        value_name = "N",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_REQUEST_LIMIT)
+    )]
     pub max_num_return_sequences: u64,
     /// Largest num_beams a request may ask for.
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    #[arg(
+        long,
+        env = "GPT2_MAX_NUM_BEAMS",
+        value_name = "N",
+        default_value_t = 16,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_REQUEST_LIMIT)
+    )]
     pub max_num_beams: u64,
     /// How the linear layers' weights are stored: f32 (exact) or q8_0 (8-bit, faster, small
     /// logit drift).
-    #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
+    #[arg(long, env = "GPT2_DTYPE", default_value = "f32", value_parser = parse_weight_format)]
     pub dtype: WeightFormat,
     /// How the KV caches store keys and values: f32 (exact) or f16 (half the cache memory, small
     /// logit drift).
-    #[arg(long, default_value = "f32", value_parser = parse_kv_format)]
+    #[arg(long, env = "GPT2_KV_DTYPE", default_value = "f32", value_parser = parse_kv_format)]
     pub kv_dtype: KvFormat,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "GPT2_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Accept `Authorization: Bearer KEY` or `x-api-key: KEY` (repeatable; the variable takes a
+    /// comma-separated list). With neither this nor --sigv4-credentials, no credential is asked.
+    #[arg(
+        long = "api-key",
+        env = "GPT2_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+    /// Accept requests signed with AWS Signature Version 4 by these credentials, given as
+    /// ACCESS_KEY_ID:SECRET (repeatable; the variable takes a comma-separated list).
+    #[arg(
+        long = "sigv4-credentials",
+        env = "GPT2_SIGV4_CREDENTIALS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub sigv4_credentials: Vec<String>,
+    /// Require SigV4 signatures scoped to this region and the sagemaker service (default: any).
+    #[arg(long, env = "GPT2_SIGV4_REGION")]
+    pub sigv4_region: Option<String>,
+    /// The host clients sign, when a proxy rewrites the Host header (default: the Host header).
+    #[arg(long, env = "GPT2_SIGV4_HOST")]
+    pub sigv4_host: Option<String>,
+    /// The port after `--port`, `$SAGEMAKER_BIND_TO_PORT` and `$GPT2_PORT` are weighed.
+    #[arg(skip)]
+    resolved_port: u16,
+    /// The deadline after `--deadline-secs` (or `$GPT2_DEADLINE_SECS`) and
+    /// `$SAGEMAKER_MODEL_SERVER_TIMEOUT` are weighed.
+    #[arg(skip)]
+    resolved_deadline_secs: u64,
 }
 
 fn parse_weight_format(value: &str) -> Result<WeightFormat, String> {
@@ -72,20 +175,102 @@ fn parse_kv_format(value: &str) -> Result<KvFormat, String> {
     value.parse()
 }
 
+/// Why the command line and environment were refused.
+#[derive(Debug)]
+pub enum UsageError {
+    /// A command-line error, `--help` or `--version`: clap prints it (and exits 0 for the last
+    /// two).
+    Clap(clap::Error),
+    /// A bad environment variable: one line that names it.
+    Env(String),
+}
+
 impl ServerArgs {
-    /// `--port`, else `$SAGEMAKER_BIND_TO_PORT`, else 8080.
-    pub fn port(&self) -> Result<u16, String> {
-        if let Some(port) = self.port {
+    /// Parses the command line and the environment; on a usage error prints it and exits 2 (0
+    /// for `--help` and `--version`).
+    pub fn parse_or_exit() -> Self {
+        match Self::try_parse_with_env(std::env::args_os()) {
+            Ok(args) => args,
+            Err(UsageError::Clap(error)) => error.exit(),
+            Err(UsageError::Env(line)) => {
+                eprintln!("error: {line}");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    /// Parses `argv` (program name first) and the process environment: every option's `GPT2_*`
+    /// variable (the option wins; an empty variable counts as unset), then the SageMaker
+    /// variables that set the port and the deadline.
+    pub fn try_parse_with_env<I, T>(argv: I) -> Result<Self, UsageError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString> + Clone,
+    {
+        let argv: Vec<OsString> = argv.into_iter().map(Into::into).collect();
+        let mut command = Self::command().mut_args(|arg| {
+            // Templated manifests often write `value: ""`: unset, not an invalid value.
+            if arg.get_env().is_some_and(is_blank) {
+                arg.env(None::<&'static str>)
+            } else {
+                arg
+            }
+        });
+        let matches = command
+            .try_get_matches_from_mut(&argv)
+            .map_err(|error| env_error(&command, &argv, error))?;
+        let mut args = Self::from_arg_matches(&matches)
+            .map_err(|error| UsageError::Clap(error.format(&mut command)))?;
+        let port_on_command_line = matches.value_source("port") == Some(ValueSource::CommandLine);
+        args.resolved_port = args.resolve_port(port_on_command_line)?;
+        args.resolved_deadline_secs = args.resolve_deadline_secs()?;
+        Ok(args)
+    }
+
+    /// `--port`, else `$SAGEMAKER_BIND_TO_PORT`, else `$GPT2_PORT`, else 8080. SageMaker's
+    /// variable wins over `GPT2_PORT` because it is the platform's requirement (the image
+    /// promises, by its `accept-bind-to-port` label, to listen there), while `GPT2_PORT` is a
+    /// default an image or a manifest may carry.
+    fn resolve_port(&self, on_command_line: bool) -> Result<u16, UsageError> {
+        if let (true, Some(port)) = (on_command_line, self.port) {
             return Ok(port);
         }
-        match std::env::var(SAGEMAKER_PORT_ENV) {
-            Ok(value) if value.trim().is_empty() => Ok(8080),
-            Ok(value) => value
-                .trim()
-                .parse()
-                .map_err(|_| format!("{SAGEMAKER_PORT_ENV}={value:?} is not a port number")),
-            Err(_) => Ok(8080),
+        if let Some(value) = env_value(OsStr::new(SAGEMAKER_PORT_ENV)) {
+            return value.trim().parse().map_err(|_| {
+                UsageError::Env(format!(
+                    "invalid value '{value}' for {SAGEMAKER_PORT_ENV}: not a port number (0-65535)"
+                ))
+            });
         }
+        Ok(self.port.unwrap_or(DEFAULT_PORT))
+    }
+
+    /// `--deadline-secs` (or `$GPT2_DEADLINE_SECS`), else `$SAGEMAKER_MODEL_SERVER_TIMEOUT`,
+    /// else 60.
+    fn resolve_deadline_secs(&self) -> Result<u64, UsageError> {
+        if let Some(secs) = self.deadline_secs {
+            return Ok(secs);
+        }
+        let Some(value) = env_value(OsStr::new(SAGEMAKER_TIMEOUT_ENV)) else {
+            return Ok(DEFAULT_DEADLINE_SECS);
+        };
+        match value.trim().parse::<u64>() {
+            Ok(secs) if (1..=MAX_DEADLINE_SECS).contains(&secs) => Ok(secs),
+            _ => Err(UsageError::Env(format!(
+                "invalid value '{value}' for {SAGEMAKER_TIMEOUT_ENV}: not a number of seconds \
+                 in 1..={MAX_DEADLINE_SECS}"
+            ))),
+        }
+    }
+
+    /// The port to listen on.
+    pub fn port(&self) -> u16 {
+        self.resolved_port
+    }
+
+    /// The per-request deadline in seconds.
+    pub fn deadline_secs(&self) -> u64 {
+        self.resolved_deadline_secs
     }
 
     /// The model to load: `--model` (or `$GPT2_MODEL_DIR`), which must be an existing directory,
@@ -114,13 +299,92 @@ impl ServerArgs {
         }
     }
 
+    /// Who may call the service.
+    pub fn auth_config(&self) -> Result<crate::auth::AuthConfig, String> {
+        crate::auth::AuthConfig::new(
+            &self.api_keys,
+            &self.sigv4_credentials,
+            self.sigv4_region.clone(),
+            self.sigv4_host.clone(),
+        )
+    }
+
     /// The queue and deadline settings.
     pub fn engine_config(&self) -> EngineConfig {
         EngineConfig {
             queue_capacity: self.queue_capacity as usize,
-            deadline: Duration::from_secs(self.deadline_secs),
+            deadline: Duration::from_secs(self.deadline_secs()),
         }
     }
+}
+
+/// The variable's value, `None` when it is unset or blank (whitespace only). A value that is not
+/// Unicode is returned lossily, so that it is refused by the parser rather than ignored.
+fn env_value(name: &OsStr) -> Option<String> {
+    let value = std::env::var_os(name)?;
+    let value = value.to_string_lossy().into_owned();
+    (!value.trim().is_empty()).then_some(value)
+}
+
+/// Whether the variable is set but empty or whitespace only.
+fn is_blank(name: &OsStr) -> bool {
+    std::env::var_os(name).is_some_and(|value| value.to_string_lossy().trim().is_empty())
+}
+
+/// Clap names the option (`--queue-capacity <N>`) even when the bad value came from its
+/// environment variable; this names the variable instead, in one line.
+fn env_error(command: &clap::Command, argv: &[OsString], error: clap::Error) -> UsageError {
+    if !matches!(
+        error.kind(),
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation
+    ) {
+        return UsageError::Clap(error);
+    }
+    let Some(ContextValue::String(invalid_arg)) = error.get(ContextKind::InvalidArg) else {
+        return UsageError::Clap(error);
+    };
+    let names_flag = |long: &str| {
+        let flag = format!("--{long}");
+        invalid_arg == &flag || invalid_arg.starts_with(&format!("{flag} "))
+    };
+    let Some(arg) = command
+        .get_arguments()
+        .find(|arg| arg.get_long().is_some_and(names_flag))
+    else {
+        return UsageError::Clap(error);
+    };
+    let (Some(long), Some(name)) = (arg.get_long(), arg.get_env()) else {
+        return UsageError::Clap(error);
+    };
+    let flag = format!("--{long}");
+    let on_command_line = argv.iter().skip(1).any(|word| {
+        word.to_str()
+            .is_some_and(|word| word == flag || word.starts_with(&format!("{flag}=")))
+    });
+    let Some(env_value) = env_value(name) else {
+        return UsageError::Clap(error);
+    };
+    if on_command_line {
+        return UsageError::Clap(error);
+    }
+    let value = match error.get(ContextKind::InvalidValue) {
+        Some(ContextValue::String(value)) => value.clone(),
+        _ => env_value,
+    };
+    let reason = match (
+        std::error::Error::source(&error),
+        error.get(ContextKind::ValidValue),
+    ) {
+        (Some(source), _) => source.to_string(),
+        (None, Some(ContextValue::Strings(valid))) => {
+            format!("possible values: {}", valid.join(", "))
+        }
+        (None, _) => "not accepted".to_string(),
+    };
+    UsageError::Env(format!(
+        "invalid value '{value}' for {} (the environment variable of {flag}): {reason}",
+        name.to_string_lossy()
+    ))
 }
 
 /// Structured logs on stderr; `RUST_LOG` filters them (default `info`).
@@ -135,5 +399,56 @@ pub fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_is_consistent() {
+        ServerArgs::command().debug_assert();
+    }
+
+    #[test]
+    fn every_option_has_an_environment_variable() {
+        // Platforms configure containers through the environment: a new option needs a
+        // `GPT2_*` variable too (named after the option; `--model` reads `GPT2_MODEL_DIR`).
+        for arg in ServerArgs::command().get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if matches!(long, "help" | "version") {
+                continue;
+            }
+            let name = arg
+                .get_env()
+                .map(|name| name.to_string_lossy().into_owned())
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"));
+            let stem = long.replace('-', "_").to_uppercase();
+            assert!(
+                name.starts_with(&format!("GPT2_{stem}")),
+                "--{long} reads {name}, expected GPT2_{stem}..."
+            );
+        }
+    }
+
+    #[test]
+    fn out_of_range_options_are_usage_errors() {
+        for (flag, bad, good) in [
+            ("--queue-capacity", "65537", "65536"),
+            ("--queue-capacity", "0", "1"),
+            ("--deadline-secs", "86401", "86400"),
+            ("--deadline-secs", "9223372036854775807", "1"),
+            ("--shutdown-grace-secs", "3601", "3600"),
+            ("--max-num-return-sequences", "1025", "1024"),
+            ("--max-num-beams", "1025", "1024"),
+            ("--port", "65536", "65535"),
+        ] {
+            let error = ServerArgs::try_parse_from(["gpt2-server", flag, bad]).unwrap_err();
+            assert_eq!(error.kind(), ErrorKind::ValueValidation, "{flag} {bad}");
+            assert_eq!(error.exit_code(), 2);
+            ServerArgs::try_parse_from(["gpt2-server", flag, good])
+                .unwrap_or_else(|e| panic!("{flag} {good}: {e}"));
+        }
     }
 }

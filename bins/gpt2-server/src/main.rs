@@ -2,6 +2,7 @@
 
 mod api_error;
 mod args;
+mod auth;
 mod routes;
 mod streaming;
 
@@ -9,7 +10,6 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::Parser;
 use gpt2_engine::{Engine, Pipeline};
 use tracing::{error, info, warn};
 
@@ -17,8 +17,22 @@ use crate::args::ServerArgs;
 
 fn main() -> ExitCode {
     gpt2_engine::return_freed_memory_to_os();
-    let args = ServerArgs::parse();
+    let args = ServerArgs::parse_or_exit();
     args::init_logging(args.log_format);
+    if let Some(workers) = std::env::var_os(args::SAGEMAKER_WORKERS_ENV)
+        .filter(|value| !value.to_string_lossy().trim().is_empty())
+    {
+        warn!(
+            value = %workers.to_string_lossy(),
+            "{} is ignored: one inference worker batches every request; \
+             scale out with instances or replicas",
+            args::SAGEMAKER_WORKERS_ENV
+        );
+    }
+    if let Err(e) = args.auth_config() {
+        error!("{e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = gpt2_engine::Isa::from_env() {
         error!("{e}");
         return ExitCode::from(2);
@@ -44,9 +58,10 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: ServerArgs) -> Result<(), String> {
-    let port = args.port()?;
+    let port = args.port();
     let addr = SocketAddr::new(args.host, port);
     let source = args.model_source()?;
+    let auth = args.auth_config()?;
     let loading = std::time::Instant::now();
     // Load before binding: /ping only answers once the model is ready.
     let pipeline = tokio::task::spawn_blocking(move || Pipeline::from_source(&source))
@@ -69,12 +84,18 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     let limits = *pipeline.limits();
     let (engine, worker) = Engine::start(pipeline, args.engine_config())
         .map_err(|e| format!("cannot start the inference worker: {e}"))?;
-    let app = routes::router(routes::AppState::new(engine, limits));
+    let app = routes::router(routes::AppState::new(engine, limits).with_auth(auth));
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
-    info!(addr = %bound, "listening");
+    info!(
+        addr = %bound,
+        queue_capacity = args.queue_capacity,
+        deadline_secs = args.deadline_secs(),
+        shutdown_grace_secs = args.shutdown_grace_secs,
+        "listening"
+    );
 
     let shutdown = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = shutdown.clone();
