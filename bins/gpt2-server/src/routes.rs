@@ -1,5 +1,6 @@
 //! The HTTP surface: routes, request ids, content checks, and the one log line per request.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -15,6 +16,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::api_error::ApiError;
+use crate::auth::{self, AuthConfig};
 use crate::streaming::{self, Framing, StreamLog};
 
 /// SageMaker's payload limit for real-time invocations.
@@ -28,17 +30,28 @@ pub const REQUEST_ID_HEADER: &str = "x-request-id";
 pub struct AppState {
     engine: Engine,
     limits: Limits,
+    auth: Arc<AuthConfig>,
 }
 
 impl AppState {
     pub fn new(engine: Engine, limits: Limits) -> Self {
-        Self { engine, limits }
+        Self {
+            engine,
+            limits,
+            auth: Arc::default(),
+        }
+    }
+
+    /// Requires the credentials `auth` names on every route but `/ping`.
+    pub fn with_auth(mut self, auth: AuthConfig) -> Self {
+        self.auth = Arc::new(auth);
+        self
     }
 }
 
 /// A request's id, set by the middleware for the handlers' logs.
 #[derive(Debug, Clone)]
-struct RequestId(String);
+pub struct RequestId(pub String);
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -53,6 +66,11 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(
+            state.auth.clone(),
+            auth::authenticate,
+        ))
+        .layer(middleware::from_fn(check_upload))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -126,6 +144,42 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
 }
 
+/// Refuses an upload that waits for `100 Continue` by its headers alone: such a client is never
+/// invited to send 7 MB of CSV (hyper answers `100 Continue` only once something reads the body).
+/// Other uploads are checked by the handler, after their body arrived: answering while a client
+/// is still sending would reset the connection under its answer.
+async fn check_upload(request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let invocation = path == "/invocations" || path.starts_with("/endpoints/");
+    let waits_for_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+    if request.method() == Method::POST && invocation && waits_for_continue {
+        let length = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+            return too_large().into_response();
+        }
+        if let Err(error) = check_content_type(request.headers()) {
+            return error.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+pub(crate) fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the body exceeds {MAX_BODY_BYTES} bytes (6 MB)"),
+    )
+}
+
 /// JSON is the only body this service reads; a missing Content-Type is taken as JSON.
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
@@ -156,11 +210,7 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body exceeds {MAX_BODY_BYTES} bytes (6 MB)"),
-            )
+            too_large()
         } else {
             ApiError::new(
                 StatusCode::BAD_REQUEST,

@@ -270,3 +270,49 @@ fn one_structured_log_line_per_request() {
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0]["status"], 422);
 }
+
+#[test]
+fn expect_100_continue_is_refused_by_headers_before_any_body_is_invited() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    for (content_type, length, status) in
+        [("text/csv", 100, 415), ("application/json", 7 << 20, 413)]
+    {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let head = format!(
+            "POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        // No body is sent: the answer must come from the headers alone, without a 100 first.
+        let mut answer = vec![0u8; 512];
+        let read = stream.read(&mut answer).unwrap();
+        let answer = String::from_utf8_lossy(&answer[..read]);
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{content_type}: {answer}"
+        );
+    }
+    // A valid upload is invited and served.
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let body = br#"{"input": "Hi", "max_length": 4}"#;
+    let head = format!(
+        "POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut interim = vec![0u8; 64];
+    let read = stream.read(&mut interim).unwrap();
+    assert!(String::from_utf8_lossy(&interim[..read]).starts_with("HTTP/1.1 100 Continue"));
+    stream.write_all(body).unwrap();
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("HTTP/1.1 200 OK"), "{rest}");
+}
