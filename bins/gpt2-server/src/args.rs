@@ -105,6 +105,35 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(0..=MAX_SHUTDOWN_GRACE_SECS)
     )]
     pub shutdown_grace_secs: u64,
+    /// Connections served at once (at most 65536); past it, only GET /ping is answered, on a small
+    /// overflow pool, and other requests get 503.
+    #[arg(
+        long,
+        env = "GPT2_MAX_CONNECTIONS",
+        value_name = "N",
+        default_value_t = 1024,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_QUEUE_CAPACITY)
+    )]
+    pub max_connections: u64,
+    /// Longest wait for a request's headers, in seconds (1-3600), an idle keep-alive connection's
+    /// wait for its next request included: slow and idle clients are closed after it.
+    #[arg(
+        long,
+        env = "GPT2_HEADER_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_GRACE_SECS)
+    )]
+    pub header_timeout_secs: u64,
+    /// Longest wait between two pieces of a request body, in seconds (1-3600); then 408.
+    #[arg(
+        long,
+        env = "GPT2_BODY_TIMEOUT_SECS",
+        value_name = "SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_GRACE_SECS)
+    )]
+    pub body_timeout_secs: u64,
     /// Largest num_return_sequences a request may ask for.
     #[arg(
         long,
@@ -296,6 +325,15 @@ impl ServerArgs {
         Limits {
             max_num_return_sequences: self.max_num_return_sequences as usize,
             max_num_beams: self.max_num_beams as usize,
+        }
+    }
+
+    /// The bounds on connections and their timeouts.
+    pub fn connection_limits(&self) -> crate::serve::ConnectionLimits {
+        crate::serve::ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            header_timeout: Duration::from_secs(self.header_timeout_secs),
+            body_timeout: Duration::from_secs(self.body_timeout_secs),
         }
     }
 

@@ -4,6 +4,7 @@ mod api_error;
 mod args;
 mod auth;
 mod routes;
+mod serve;
 mod streaming;
 
 use std::net::SocketAddr;
@@ -89,11 +90,14 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
+    let open_files = serve::raise_open_file_limit();
     info!(
         addr = %bound,
         queue_capacity = args.queue_capacity,
         deadline_secs = args.deadline_secs(),
         shutdown_grace_secs = args.shutdown_grace_secs,
+        max_connections = args.max_connections,
+        open_files = open_files.unwrap_or(0),
         "listening"
     );
 
@@ -105,20 +109,23 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     });
     let grace = Duration::from_secs(args.shutdown_grace_secs);
     let graceful = shutdown.clone();
-    let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let stop_accepting = async move {
         graceful.notified().await;
         info!(
             grace_secs = grace.as_secs(),
             "shutting down: no new connections, finishing in-flight requests"
         );
-    });
-    let bounded = async {
-        shutdown.notified().await;
-        tokio::time::sleep(grace).await;
     };
-    tokio::select! {
-        served = serve => served.map_err(|e| format!("server error: {e}"))?,
-        () = bounded => warn!("in-flight requests did not finish within the grace period; exiting"),
+    if !serve::serve(
+        listener,
+        app,
+        args.connection_limits(),
+        stop_accepting,
+        grace,
+    )
+    .await
+    {
+        warn!("in-flight requests did not finish within the grace period; they were dropped");
     }
     drop(worker); // the worker thread ends with the process
     info!("stopped");

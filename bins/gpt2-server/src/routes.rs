@@ -115,12 +115,24 @@ struct LogIfAbandoned {
 
 impl Drop for LogIfAbandoned {
     fn drop(&mut self) {
-        if !self.answered {
+        if self.answered {
+            return;
+        }
+        let total_ms = self.received.elapsed().as_millis() as u64;
+        if crate::serve::abandoned_at_shutdown() {
+            warn!(
+                request_id = %self.request_id,
+                status = 503,
+                error_type = "shutdown",
+                total_ms,
+                "invocation dropped: the shutdown grace period ended before it finished"
+            );
+        } else {
             warn!(
                 request_id = %self.request_id,
                 status = 499,
                 error_type = "client_disconnected",
-                total_ms = self.received.elapsed().as_millis() as u64,
+                total_ms,
                 "invocation abandoned by the client; its generation stops"
             );
         }
@@ -142,6 +154,18 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::method_not_allowed(method.as_str(), uri.path())
+}
+
+/// Whether reading the body failed because tower-http's body timeout fired.
+fn timed_out(rejection: &BytesRejection) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// Refuses an upload that waits for `100 Continue` by its headers alone: such a client is never
@@ -211,6 +235,12 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
+        } else if timed_out(&rejection) {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body stopped arriving (see --body-timeout-secs)",
+            )
         } else {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
