@@ -134,6 +134,16 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_GRACE_SECS)
     )]
     pub body_timeout_secs: u64,
+    /// MiB of KV cache the admitted requests may reserve together (default: 80% of the memory
+    /// available after loading the model, the container's limit included). A request that can
+    /// never fit gets 422; one that cannot fit now waits, within its deadline.
+    #[arg(
+        long,
+        env = "GPT2_KV_BUDGET_MB",
+        value_name = "MIB",
+        value_parser = clap::value_parser!(u64).range(1..=(1 << 30))
+    )]
+    pub kv_budget_mb: Option<u64>,
     /// Largest num_return_sequences a request may ask for.
     #[arg(
         long,
@@ -348,10 +358,19 @@ impl ServerArgs {
     }
 
     /// The queue and deadline settings.
-    pub fn engine_config(&self) -> EngineConfig {
+    /// The queue, deadline and KV-budget settings; the budget defaults to `default_kv_budget`
+    /// (measured once the model is loaded).
+    pub fn engine_config(&self, default_kv_budget: Option<usize>) -> EngineConfig {
+        let kv_budget_bytes = match self.kv_budget_mb {
+            Some(mib) => usize::try_from(mib)
+                .unwrap_or(usize::MAX)
+                .saturating_mul(1 << 20),
+            None => default_kv_budget.unwrap_or(usize::MAX),
+        };
         EngineConfig {
             queue_capacity: self.queue_capacity as usize,
             deadline: Duration::from_secs(self.deadline_secs()),
+            kv_budget_bytes,
         }
     }
 }

@@ -3,6 +3,7 @@
 mod api_error;
 mod args;
 mod auth;
+mod budget;
 mod routes;
 mod serve;
 mod streaming;
@@ -83,7 +84,12 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         "model loaded"
     );
     let limits = *pipeline.limits();
-    let (engine, worker) = Engine::start(pipeline, args.engine_config())
+    let engine_config = args.engine_config(budget::default_kv_budget());
+    info!(
+        kv_budget_mb = engine_config.kv_budget_bytes >> 20,
+        "KV-cache budget (--kv-budget-mb)"
+    );
+    let (engine, worker) = Engine::start(pipeline, engine_config)
         .map_err(|e| format!("cannot start the inference worker: {e}"))?;
     let app = routes::router(routes::AppState::new(engine, limits).with_auth(auth));
     let listener = tokio::net::TcpListener::bind(addr)

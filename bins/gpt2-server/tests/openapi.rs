@@ -54,7 +54,11 @@ fn keys(lines: &[&str], at: usize) -> Vec<String> {
     lines
         .iter()
         .filter(|l| indent(l) == at && !l.trim_start().starts_with('#'))
-        .filter_map(|l| l.trim().split_once(':').map(|(k, _)| k.trim_matches('\'').to_string()))
+        .filter_map(|l| {
+            l.trim()
+                .split_once(':')
+                .map(|(k, _)| k.trim_matches('\'').to_string())
+        })
         .collect()
 }
 
@@ -83,9 +87,11 @@ fn spec_request_fields(spec: &str) -> BTreeMap<String, Option<String>> {
     keys(&properties, 8)
         .into_iter()
         .map(|field| {
-            let default = block(&properties, 8, &field)
-                .iter()
-                .find_map(|l| l.trim().strip_prefix("default:").map(|v| v.trim().to_string()));
+            let default = block(&properties, 8, &field).iter().find_map(|l| {
+                l.trim()
+                    .strip_prefix("default:")
+                    .map(|v| v.trim().to_string())
+            });
             (field, default)
         })
         .collect()
@@ -114,9 +120,8 @@ fn the_description_lists_every_route_of_the_router() {
         let methods = ["get", "post", "put", "patch", "delete"]
             .into_iter()
             .filter(|m| {
-                call.match_indices(&format!("{m}(")).any(|(i, _)| {
-                    !call[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_')
-                })
+                call.match_indices(&format!("{m}("))
+                    .any(|(i, _)| !call[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'))
             })
             .map(str::to_string);
         router.entry(path).or_default().extend(methods);
@@ -163,8 +168,14 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
     let struct_fields: BTreeSet<String> = defaults.keys().cloned().collect();
     let described: BTreeSet<String> = fields.keys().cloned().collect();
     assert!(parsed.len() >= 10, "gpt2-schema parsed: {parsed:?}");
-    assert_eq!(described, parsed, "docs/openapi.yaml's request fields are those validated");
-    assert_eq!(described, struct_fields, "docs/openapi.yaml's request fields are GenerationRequest's");
+    assert_eq!(
+        described, parsed,
+        "docs/openapi.yaml's request fields are those validated"
+    );
+    assert_eq!(
+        described, struct_fields,
+        "docs/openapi.yaml's request fields are GenerationRequest's"
+    );
 
     // The defaults the description states are the contract's.
     for (field, default) in defaults {
@@ -174,14 +185,20 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
             // No default: absent (max_new_tokens) or random (seed).
             (_, Value::Null) => assert_eq!(stated, None, "{field} has no default"),
             (_, Value::String(s)) => assert_eq!(stated, Some(s.as_str()), "{field}'s default"),
-            (_, Value::Bool(b)) => assert_eq!(stated, Some(b.to_string().as_str()), "{field}'s default"),
+            (_, Value::Bool(b)) => {
+                assert_eq!(stated, Some(b.to_string().as_str()), "{field}'s default")
+            }
             (_, Value::Number(n)) => {
                 let stated: f64 = stated
                     .unwrap_or_else(|| panic!("docs/openapi.yaml states no default for {field}"))
                     .parse()
                     .unwrap();
                 // Floats are f32 in the request: compare at that precision.
-                assert_eq!(stated as f32, n.as_f64().unwrap() as f32, "{field}'s default");
+                assert_eq!(
+                    stated as f32,
+                    n.as_f64().unwrap() as f32,
+                    "{field}'s default"
+                );
             }
             (_, other) => panic!("{field}: unexpected default {other}"),
         }
@@ -191,19 +208,30 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
     let lines: Vec<String> = spec().lines().map(str::to_string).collect();
     let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let properties = block(
-        &block(&block(&block(&lines, 0, "components"), 2, "schemas"), 4, "GenerationRequest"),
+        &block(
+            &block(&block(&lines, 0, "components"), 2, "schemas"),
+            4,
+            "GenerationRequest",
+        ),
         6,
         "properties",
     );
     let maximum = |field: &str| -> usize {
         block(&properties, 8, field)
             .iter()
-            .find_map(|l| l.trim().strip_prefix("maximum:").map(|v| v.trim().parse().unwrap()))
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("maximum:")
+                    .map(|v| v.trim().parse().unwrap())
+            })
             .unwrap_or_else(|| panic!("docs/openapi.yaml states no maximum for {field}"))
     };
     let limits = Limits::default();
     assert_eq!(maximum("num_beams"), limits.max_num_beams);
-    assert_eq!(maximum("num_return_sequences"), limits.max_num_return_sequences);
+    assert_eq!(
+        maximum("num_return_sequences"),
+        limits.max_num_return_sequences
+    );
     assert_eq!(maximum("max_length"), u32::MAX as usize);
     assert_eq!(maximum("max_new_tokens"), u32::MAX as usize);
 }
@@ -211,12 +239,17 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
 #[test]
 fn the_description_lists_every_error_type_the_server_answers() {
     let mut kinds: BTreeSet<String> = BTreeSet::new();
-    for file in ["bins/gpt2-server/src/api_error.rs", "bins/gpt2-server/src/routes.rs"] {
+    for file in [
+        "bins/gpt2-server/src/api_error.rs",
+        "bins/gpt2-server/src/routes.rs",
+    ] {
         let text = read(file);
         // `ApiError::new(StatusCode::X, "kind", ...)` and `Self::new(...)`, however formatted.
         for (at, _) in text.match_indices("StatusCode::") {
             let rest = &text[at..];
-            let Some(comma) = rest.find(',') else { continue };
+            let Some(comma) = rest.find(',') else {
+                continue;
+            };
             let after = rest[comma + 1..].trim_start();
             if let Some(literal) = after.strip_prefix('"') {
                 kinds.insert(literal[..literal.find('"').unwrap()].to_string());
@@ -234,12 +267,19 @@ fn the_description_lists_every_error_type_the_server_answers() {
 
     let spec = spec();
     let lines: Vec<&str> = spec.lines().collect();
-    let error = block(&block(&block(&lines, 0, "components"), 2, "schemas"), 4, "Error");
+    let error = block(
+        &block(&block(&lines, 0, "components"), 2, "schemas"),
+        4,
+        "Error",
+    );
     let described: BTreeSet<String> = block(&error, 8, "error_type")
         .iter()
         .filter_map(|l| l.trim().strip_prefix("- ").map(str::to_string))
         .collect();
-    assert_eq!(described, kinds, "docs/openapi.yaml's error_type values are the server's");
+    assert_eq!(
+        described, kinds,
+        "docs/openapi.yaml's error_type values are the server's"
+    );
 }
 
 fn run_python(args: &[&str]) -> Output {
@@ -263,7 +303,7 @@ fn require_module(module: &str, package: &str) {
 
 /// Checks, with the validator's own JSON Schema library, that each example in the description
 /// matches the schema it illustrates.
-const EXAMPLES_MATCH_THEIR_SCHEMAS: &str = r#"
+const EXAMPLES_MATCH_THEIR_SCHEMAS: &str = r##"
 import sys, yaml, jsonschema
 spec = yaml.safe_load(open(sys.argv[1]))
 bad, checked = [], 0
@@ -293,7 +333,7 @@ walk(spec, "#")
 print(f"{checked} examples checked")
 if bad or checked < 30:
     sys.exit("\n".join(bad) or "too few examples found")
-"#;
+"##;
 
 #[test]
 fn the_description_is_valid_openapi_3_1() {
@@ -336,7 +376,10 @@ fn schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_description(
         .env("SCHEMATHESIS_TIME_LIMIT", "150")
         .env("SCHEMATHESIS_REQUEST_TIMEOUT", "15")
         .env_remove("SCHEMATHESIS_MAX_EXAMPLES")
-        .env("SCHEMATHESIS_SEED", std::env::var("SCHEMATHESIS_SEED").unwrap_or("1".into()))
+        .env(
+            "SCHEMATHESIS_SEED",
+            std::env::var("SCHEMATHESIS_SEED").unwrap_or("1".into()),
+        )
         .current_dir(repo_root())
         .output()
         .expect("bash runs tools/schemathesis.sh");
@@ -354,10 +397,17 @@ fn schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_description(
     // A run that generated next to nothing would pass without checking anything.
     let generated: u64 = report
         .lines()
-        .find_map(|l| l.trim().split_once(" generated").map(|(n, _)| n.trim().to_string()))
+        .find_map(|l| {
+            l.trim()
+                .split_once(" generated")
+                .map(|(n, _)| n.trim().to_string())
+        })
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no test case count in the report:\n{report}"));
-    assert!(generated >= 100, "only {generated} test cases ran:\n{report}");
+    assert!(
+        generated >= 100,
+        "only {generated} test cases ran:\n{report}"
+    );
 
     // The server survived it: still healthy, and no panic in its log.
     let ping = server.request("GET", "/ping", &[], b"");

@@ -242,3 +242,25 @@ fn a_missing_model_directory_points_to_gpt2_download() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_request_that_can_never_fit_the_kv_budget_is_a_422_naming_the_limit() {
+    let server = Server::start(&["--kv-budget-mb", "1"]);
+    let refused =
+        server.invoke(r#"{"input": "Hi", "max_length": 1000, "num_return_sequences": 16}"#);
+    assert_eq!(refused.status, 422);
+    let (message, error_type) = refused.error();
+    assert_eq!(error_type, "validation_error");
+    assert!(
+        message.contains("max_length") && message.contains("--kv-budget-mb"),
+        "{message}"
+    );
+    assert_eq!(
+        server.invoke(r#"{"input": "Hi", "max_length": 20}"#).status,
+        200
+    );
+    assert!(server
+        .log_lines()
+        .iter()
+        .any(|l| l.contains(r#""kv_budget_mb":1"#)));
+}

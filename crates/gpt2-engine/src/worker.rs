@@ -26,6 +26,10 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Longest a request may take from admission to answer (SageMaker's default is 60 s).
     pub deadline: Duration,
+    /// Bytes of KV cache the admitted requests may reserve together (`usize::MAX`: no bound).
+    /// Each request reserves what its sequences can grow to at admission; one that can never fit
+    /// is refused with a field error, one that cannot fit now waits (within its deadline).
+    pub kv_budget_bytes: usize,
 }
 
 impl Default for EngineConfig {
@@ -33,9 +37,13 @@ impl Default for EngineConfig {
         Self {
             queue_capacity: 64,
             deadline: Duration::from_secs(60),
+            kv_budget_bytes: usize::MAX,
         }
     }
 }
+
+/// The KV budget is counted in KiB, so that any machine's memory fits a semaphore's permits.
+const KV_BUDGET_UNIT: usize = 1024;
 
 /// Why a submitted request got no answer.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +122,9 @@ impl Drop for CancelOnDrop {
 pub struct Engine {
     jobs: mpsc::Sender<Job>,
     preparer: Preparer,
+    /// KV-cache bytes per sequence per position, in the model's cache format.
+    kv_bytes_per_position: usize,
+    kv_budget: Arc<Semaphore>,
     admission: Arc<Semaphore>,
     config: EngineConfig,
     stats: Arc<EngineStats>,
@@ -147,6 +158,8 @@ impl Engine {
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let preparer = Preparer::new(pipeline.tokenizer(), pipeline.model().config());
+        let kv_bytes_per_position = pipeline.model().kv_cache_bytes(1, 1);
+        let kv_budget_units = (config.kv_budget_bytes / KV_BUDGET_UNIT).min(Semaphore::MAX_PERMITS);
         let stats = Arc::new(EngineStats::default());
         let worker_stats = stats.clone();
         let alive = Arc::new(AtomicBool::new(true));
@@ -160,6 +173,8 @@ impl Engine {
         let engine = Self {
             jobs,
             preparer,
+            kv_bytes_per_position,
+            kv_budget: Arc::new(Semaphore::new(kv_budget_units)),
             admission: Arc::new(Semaphore::new(config.queue_capacity.max(1))),
             config,
             stats,
@@ -203,6 +218,7 @@ impl Engine {
         })
         .await
         .map_err(|_| SubmitError::WorkerGone)??;
+        let kv_units = self.kv_units(&params)?;
         let permit =
             self.admission
                 .clone()
@@ -210,9 +226,17 @@ impl Engine {
                 .map_err(|_| SubmitError::QueueFull {
                     capacity: self.config.queue_capacity,
                 })?;
-        let cancelled = Arc::new(AtomicBool::new(false));
         let admitted = Instant::now();
         let deadline = admitted + self.config.deadline;
+        // Waits while the running requests hold the memory this one needs, within its deadline.
+        let reservation = tokio::time::timeout_at(
+            deadline.into(),
+            self.kv_budget.clone().acquire_many_owned(kv_units),
+        )
+        .await
+        .map_err(|_| SubmitError::DeadlineExceeded(self.config.deadline))?
+        .map_err(|_| SubmitError::WorkerGone)?;
+        let cancelled = Arc::new(AtomicBool::new(false));
         let (events, receiver) = channel::unbounded_channel();
         self.jobs
             .send(Job {
@@ -238,6 +262,43 @@ impl Engine {
             ended: false,
             _cancel_on_drop: CancelOnDrop(cancelled),
             _permit: permit,
+            _kv_reservation: reservation,
+        })
+    }
+
+    /// The KV budget units `params` reserves: every sequence it runs at once (beams, sampled
+    /// sequences; greedy runs one) at its full length. A request that can never fit the budget
+    /// is refused here, naming the limit.
+    fn kv_units(&self, params: &gpt2_generation::GenerationParams) -> Result<u32, SubmitError> {
+        let rows = match &params.strategy {
+            gpt2_generation::Strategy::Greedy => 1,
+            gpt2_generation::Strategy::Sample(_) => params.num_return_sequences,
+            gpt2_generation::Strategy::Beam(beam) => beam.num_beams,
+        };
+        let bytes = self
+            .kv_bytes_per_position
+            .saturating_mul(rows)
+            .saturating_mul(params.max_length);
+        let units = bytes.div_ceil(KV_BUDGET_UNIT);
+        let budget = self.config.kv_budget_bytes;
+        if budget != usize::MAX && bytes > budget {
+            let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+            return Err(SubmitError::Engine(EngineError::Request(
+                gpt2_schema::RequestError::InvalidField {
+                    field: "max_length",
+                    reason: format!(
+                        "{rows} sequence(s) of {} tokens need {:.1} MiB of KV cache, more than the \
+                         server's whole KV budget of {:.1} MiB (--kv-budget-mb): ask for a shorter \
+                         max_length or fewer sequences",
+                        params.max_length,
+                        mib(bytes),
+                        mib(budget)
+                    ),
+                },
+            )));
+        }
+        u32::try_from(units).map_err(|_| SubmitError::QueueFull {
+            capacity: self.config.queue_capacity,
         })
     }
 
@@ -297,6 +358,8 @@ pub struct EngineStream {
     ended: bool,
     _cancel_on_drop: CancelOnDrop,
     _permit: OwnedSemaphorePermit,
+    /// The request's KV memory, returned to the budget when the stream is dropped.
+    _kv_reservation: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for EngineStream {
@@ -637,6 +700,7 @@ mod tests {
         let config = EngineConfig {
             queue_capacity: 1,
             deadline: Duration::from_millis(300),
+            ..EngineConfig::default()
         };
         let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
         // A long beam request occupies the only place until its deadline stops it.
@@ -723,6 +787,7 @@ mod tests {
         let config = EngineConfig {
             queue_capacity: 1,
             deadline: Duration::from_secs(60),
+            ..EngineConfig::default()
         };
         let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
         let long = r#"{"input": "Hi", "seed": 1, "max_length": 1000, "num_return_sequences": 16}"#;
@@ -751,6 +816,7 @@ mod tests {
         let config = EngineConfig {
             queue_capacity: 1,
             deadline: Duration::from_secs(60),
+            ..EngineConfig::default()
         };
         let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
         let long = r#"{"input": "Hi", "seed": 1, "max_length": 1000, "num_return_sequences": 16}"#;
@@ -799,5 +865,50 @@ mod tests {
             .generate(&request(r#"{"input": "Hello", "top_p": 1e-40, "seed": 1, "max_length": 20, "num_return_sequences": 1}"#))
             .unwrap();
         assert_eq!(narrow, greedy);
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn kv_memory_is_reserved_against_the_budget_at_admission() {
+        let model = Pipeline::demo();
+        // Room for 2 sequences of 100 tokens, not 3.
+        let budget = model.model().kv_cache_bytes(2, 100) + 1024;
+        let config = EngineConfig {
+            kv_budget_bytes: budget,
+            deadline: Duration::from_secs(30),
+            ..EngineConfig::default()
+        };
+        let (engine, _thread) = Engine::start(model, config).unwrap();
+        // Three sequences of 100 can never fit: refused at once, naming the limit.
+        match engine
+            .stream(request(r#"{"input": "Hi", "max_length": 100}"#))
+            .await
+        {
+            Err(SubmitError::Engine(EngineError::Request(e))) => {
+                assert_eq!(e.field(), Some("max_length"));
+                assert!(e.to_string().contains("--kv-budget-mb"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // Two sequences fit; while they run, another two wait for their memory, then run.
+        let two = r#"{"input": "Hi", "max_length": 100, "num_return_sequences": 2, "seed": 1}"#;
+        let mut first = engine.stream(request(two)).await.unwrap();
+        assert!(matches!(next_event(&mut first).await, Some(Ok(_))));
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(300), engine.stream(request(two))).await;
+        assert!(waiting.is_err(), "the second request waited for memory");
+        drop(first);
+        let mut second = engine.stream(request(two)).await.unwrap();
+        assert!(matches!(next_event(&mut second).await, Some(Ok(_))));
+        // Greedy runs one sequence whatever num_return_sequences says: it fits beside `second`.
+        let greedy =
+            r#"{"input": "Hi", "mode": "greedy", "max_length": 100, "num_return_sequences": 3}"#;
+        let waiting =
+            tokio::time::timeout(Duration::from_millis(300), engine.stream(request(greedy))).await;
+        assert!(
+            waiting.is_err(),
+            "the budget holds two rows and `second` holds both"
+        );
+        drop(second);
+        assert!(engine.generate(request(greedy)).await.is_ok());
     }
 }

@@ -193,6 +193,22 @@ impl Gpt2Model {
         )
     }
 
+    /// The bytes the KV caches of `rows` sequences of up to `positions` positions take in this
+    /// model's cache format: keys and values of every layer, plus the staging area a beam
+    /// reorder keeps (one layer buffer's worth, which its vector's growth can double).
+    pub fn kv_cache_bytes(&self, rows: usize, positions: usize) -> usize {
+        let c = &self.config;
+        let element = match self.kv_format {
+            KvFormat::F32 => 4,
+            KvFormat::F16 => 2,
+        };
+        let buffer = rows
+            .saturating_mul(c.n_head * c.head_dim())
+            .saturating_mul(positions.clamp(1, c.n_positions))
+            .saturating_mul(element);
+        buffer.saturating_mul(2 * c.n_layer + 2)
+    }
+
     /// Runs `tokens` (`(batch, new)`, u32) after what `cache` already holds, appends their keys
     /// and values to `cache`, and returns logits `(batch, positions, vocab)`, where positions is
     /// 1 for [`LogitsFor::Last`] and `new` for [`LogitsFor::All`].

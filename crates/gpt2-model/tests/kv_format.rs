@@ -75,3 +75,32 @@ fn f16_kv_logits_drift_little_from_f32() {
         assert!(agreement >= 0.95, "{name}: top-1 agreement {agreement}");
     }
 }
+
+#[test]
+fn kv_cache_bytes_bounds_what_a_generation_allocates() {
+    for format in [KvFormat::F32, KvFormat::F16] {
+        let model = Gpt2Model::demo().with_kv_format(format);
+        let rows = 3;
+        let positions = 40;
+        let mut cache = model.new_cache_with_capacity(positions);
+        let prompt = candle_core::Tensor::new(&[[15496u32, 11]], model.device()).unwrap();
+        model
+            .forward(&prompt, &mut cache, gpt2_model::LogitsFor::Last)
+            .unwrap();
+        cache.reorder(&[0, 0, 0]).unwrap();
+        for _ in 0..30 {
+            model.forward_step(&[1, 2, 3], &mut [&mut cache]).unwrap();
+            cache.reorder(&[2, 0, 1]).unwrap();
+        }
+        let reserved = model.kv_cache_bytes(rows, positions);
+        assert!(
+            cache.allocated_bytes() <= reserved,
+            "{format:?}: {} > {reserved}",
+            cache.allocated_bytes()
+        );
+        assert!(
+            cache.allocated_bytes() * 2 > reserved,
+            "{format:?}: the estimate is tight"
+        );
+    }
+}
