@@ -4,6 +4,7 @@ mod api_error;
 mod args;
 mod auth;
 mod budget;
+mod metrics;
 mod routes;
 mod serve;
 mod streaming;
@@ -83,6 +84,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         load_ms = loading.elapsed().as_millis() as u64,
         "model loaded"
     );
+    let load_time = loading.elapsed();
     let limits = *pipeline.limits();
     let engine_config = args.engine_config(budget::default_kv_budget());
     info!(
@@ -91,7 +93,17 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     );
     let (engine, worker) = Engine::start(pipeline, engine_config)
         .map_err(|e| format!("cannot start the inference worker: {e}"))?;
-    let app = routes::router(routes::AppState::new(engine, limits).with_auth(auth));
+    let build = metrics::BuildInfo {
+        dtype: format!("{:?}", args.dtype).to_lowercase(),
+        kv_dtype: format!("{:?}", args.kv_dtype).to_lowercase(),
+        isa: gpt2_engine::Isa::active().to_string(),
+    };
+    let handle = metrics::install(&build, load_time)?;
+    let app = routes::router(
+        routes::AppState::new(engine, limits)
+            .with_auth(auth)
+            .with_metrics(handle),
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

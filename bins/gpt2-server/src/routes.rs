@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::api_error::ApiError;
 use crate::auth::{self, AuthConfig};
+use crate::metrics::Observed;
 use crate::streaming::{self, Framing, StreamLog};
 
 /// SageMaker's payload limit for real-time invocations.
@@ -31,6 +32,7 @@ pub struct AppState {
     engine: Engine,
     limits: Limits,
     auth: Arc<AuthConfig>,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
 impl AppState {
@@ -39,7 +41,24 @@ impl AppState {
             engine,
             limits,
             auth: Arc::default(),
+            metrics: None,
         }
+    }
+
+    /// Serves `GET /metrics` from `handle`'s recorder.
+    pub fn with_metrics(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        self.metrics = Some(handle);
+        self
+    }
+
+    /// The Prometheus renderer, when metrics are on.
+    pub fn metrics(&self) -> Option<&metrics_exporter_prometheus::PrometheusHandle> {
+        self.metrics.as_ref()
+    }
+
+    /// The engine requests go to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Requires the credentials `auth` names on every route but `/ping`.
@@ -62,6 +81,7 @@ pub fn router(state: AppState) -> Router {
             post(invocations_response_stream),
         )
         .route("/ping", get(ping))
+        .route("/metrics", get(crate::metrics::render))
         .route("/execution-parameters", get(execution_parameters))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -260,6 +280,10 @@ async fn invocations(
     invoke(state, request_id, headers, body, None).await
 }
 
+/// The `route` label of the request metrics.
+const INVOCATIONS: &str = "invocations";
+const RESPONSE_STREAM: &str = "invocations-response-stream";
+
 /// SageMaker runtime's `InvokeEndpointWithResponseStream`: always streamed, in AWS event-stream
 /// frames.
 async fn invocations_response_stream(
@@ -310,6 +334,11 @@ async fn invoke(
                 request_id: request_id.clone(),
                 mode: mode.unwrap_or("-"),
                 received,
+                route: if framing == Framing::AwsEventStream {
+                    RESPONSE_STREAM
+                } else {
+                    INVOCATIONS
+                },
             };
             // The stream's own state logs its line (and its abandonment) from here on.
             return Ok(Answer::Stream(
@@ -319,11 +348,37 @@ async fn invoke(
         Ok::<_, ApiError>(Answer::Whole(state.engine.generate(request).await?))
     }
     .await;
-    let total_ms = received.elapsed().as_millis() as u64;
+    let total = received.elapsed();
+    let total_ms = total.as_millis() as u64;
     abandoned.answered = true;
+    let route = if framing == Some(Framing::AwsEventStream) {
+        RESPONSE_STREAM
+    } else {
+        INVOCATIONS
+    };
+    let observed = |status: u16| Observed {
+        route,
+        mode: mode.unwrap_or("-"),
+        status,
+        total,
+        queued: None,
+        first_token: None,
+        generation: None,
+        prompt_tokens: 0,
+        generated_tokens: 0,
+    };
     match result {
+        // The stream records itself when it ends.
         Ok(Answer::Stream(response)) => response,
         Ok(Answer::Whole(completed)) => {
+            crate::metrics::observe(&Observed {
+                queued: Some(completed.queued),
+                first_token: completed.first_token,
+                generation: Some(completed.generation),
+                prompt_tokens: completed.output.prompt_tokens,
+                generated_tokens: completed.output.generated_tokens,
+                ..observed(200)
+            });
             info!(
                 request_id,
                 status = 200,
@@ -339,6 +394,7 @@ async fn invoke(
             Json(completed.output.texts).into_response()
         }
         Err(error) if error.status.is_server_error() => {
+            crate::metrics::observe(&observed(error.status.as_u16()));
             warn!(
                 request_id,
                 status = error.status.as_u16(),
@@ -352,6 +408,7 @@ async fn invoke(
             error.into_response()
         }
         Err(error) => {
+            crate::metrics::observe(&observed(error.status.as_u16()));
             info!(
                 request_id,
                 status = error.status.as_u16(),

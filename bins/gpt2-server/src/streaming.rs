@@ -62,6 +62,8 @@ pub struct StreamLog {
     pub request_id: String,
     pub mode: &'static str,
     pub received: Instant,
+    /// The `route` label of its metrics.
+    pub route: &'static str,
 }
 
 /// Waits for the request's first event and answers: its error as a plain JSON error (the
@@ -181,7 +183,19 @@ impl SseState {
     fn finish(&mut self, status: u16, error: Option<&ApiError>) {
         self.finished = true;
         let timings = self.stream.timings();
-        let total_ms = self.log.received.elapsed().as_millis() as u64;
+        let total = self.log.received.elapsed();
+        let total_ms = total.as_millis() as u64;
+        crate::metrics::observe(&crate::metrics::Observed {
+            route: self.log.route,
+            mode: self.log.mode,
+            status,
+            total,
+            queued: Some(timings.queued),
+            first_token: timings.first_token,
+            generation: Some(timings.generation),
+            prompt_tokens: self.stream.prompt_tokens(),
+            generated_tokens: self.generated_tokens,
+        });
         let first_token_ms = timings.first_token.map_or(0, |t| t.as_millis() as u64);
         match error {
             None => info!(

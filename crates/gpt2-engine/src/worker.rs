@@ -203,6 +203,12 @@ impl Engine {
         self.config.queue_capacity.max(1) - self.admission.available_permits()
     }
 
+    /// Bytes of KV cache the admitted requests have reserved against the budget.
+    pub fn kv_reserved_bytes(&self) -> usize {
+        let total = (self.config.kv_budget_bytes / KV_BUDGET_UNIT).min(Semaphore::MAX_PERMITS);
+        (total - self.kv_budget.available_permits()).saturating_mul(KV_BUDGET_UNIT)
+    }
+
     /// Prepares a request (tokenizes its prompt and checks the limits that need it, on Tokio's
     /// blocking pool), queues it and returns the stream of its events. Refused at once with the
     /// request's own error (before admission, so even when the queue is full), or with
@@ -565,7 +571,17 @@ fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineSt
             .sum();
         stats.decode_steps.fetch_add(1, Ordering::Relaxed);
         stats.decode_rows.fetch_add(rows as u64, Ordering::Relaxed);
+        metrics::gauge!("gpt2_running_requests").set(running.len() as f64);
+        metrics::gauge!("gpt2_running_sequences").set(rows as f64);
+        metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
+        let stepped = Instant::now();
         step(pipeline, &mut running);
+        metrics::histogram!("gpt2_decode_step_duration_seconds")
+            .record(stepped.elapsed().as_secs_f64());
+        if running.is_empty() {
+            metrics::gauge!("gpt2_running_requests").set(0.0);
+            metrics::gauge!("gpt2_running_sequences").set(0.0);
+        }
     }
 }
 
@@ -576,7 +592,10 @@ fn start(pipeline: &Pipeline, mut job: Job, started: Instant) -> Option<Running<
         queued: started - job.admitted,
         prompt_tokens: prompt.len(),
     });
-    let decoding = match Decoding::start(pipeline.model(), &prompt, job.params.clone()) {
+    let prefill = Instant::now();
+    let started_decoding = Decoding::start(pipeline.model(), &prompt, job.params.clone());
+    metrics::histogram!("gpt2_prefill_duration_seconds").record(prefill.elapsed().as_secs_f64());
+    let decoding = match started_decoding {
         Ok(decoding) => decoding,
         Err(e) => {
             job.send(WorkerMessage::Failed(e));
