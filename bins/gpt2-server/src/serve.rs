@@ -200,7 +200,8 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 async fn serve_overflow(stream: TcpStream, _permit: OwnedSemaphorePermit) {
     let service =
         hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
-            let response = if request.uri().path() == "/ping" {
+            let id = crate::routes::request_id(request.headers());
+            let mut response = if request.uri().path() == "/ping" {
                 StatusCode::OK.into_response()
             } else {
                 ApiError {
@@ -213,6 +214,11 @@ async fn serve_overflow(stream: TcpStream, _permit: OwnedSemaphorePermit) {
                 }
                 .into_response()
             };
+            if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
+                response
+                    .headers_mut()
+                    .insert(crate::routes::REQUEST_ID_HEADER, value);
+            }
             Ok::<_, std::convert::Infallible>(response)
         });
     let mut builder = http1::Builder::new();

@@ -116,7 +116,10 @@ fn past_the_connection_cap_ping_still_answers_and_the_rest_get_503() {
         })
         .collect();
     assert!(ping_ms(&server) < 100, "ping answers on the overflow pool");
+    let ping = server.request("GET", "/ping", &[("X-Request-Id", "overflow-1")], b"");
+    assert_eq!(ping.header("x-request-id"), Some("overflow-1"));
     let refused = server.invoke(r#"{"input": "Hi", "max_length": 4}"#);
+    assert!(refused.header("x-request-id").is_some());
     assert_eq!(refused.status, 503);
     assert_eq!(refused.error().1, "overloaded");
     assert_eq!(refused.header("retry-after"), Some("1"));

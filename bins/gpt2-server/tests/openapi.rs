@@ -239,12 +239,14 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
 #[test]
 fn the_description_lists_every_error_type_the_server_answers() {
     let mut kinds: BTreeSet<String> = BTreeSet::new();
-    for file in [
-        "bins/gpt2-server/src/api_error.rs",
-        "bins/gpt2-server/src/routes.rs",
-    ] {
-        let text = read(file);
-        // `ApiError::new(StatusCode::X, "kind", ...)` and `Self::new(...)`, however formatted.
+    let sources = repo_root().join("bins/gpt2-server/src");
+    for entry in std::fs::read_dir(&sources).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        // `ApiError::new(StatusCode::X, "kind", ...)`, however formatted.
         for (at, _) in text.match_indices("StatusCode::") {
             let rest = &text[at..];
             let Some(comma) = rest.find(',') else {
@@ -362,7 +364,10 @@ fn the_description_is_valid_openapi_3_1() {
 }
 
 /// Schemathesis against the built server, bounded: every generation answers within the 1 s
-/// deadline (a described 504 otherwise), and the run has a 60 s budget.
+/// deadline (a described 504 otherwise), the examples, the whole coverage phase (every boundary
+/// and type violation of every field, every undocumented method) and 12 fuzzed cases per
+/// operation run with a fixed seed (`SCHEMATHESIS_SEED` overrides it), and the run is killed, and
+/// fails, past 150 s. About 40 s on 2 cores.
 #[test]
 fn schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_description() {
     require_module("schemathesis", "schemathesis");
@@ -372,10 +377,10 @@ fn schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_description(
         .arg(repo_root().join("tools/schemathesis.sh"))
         .arg(server.url())
         .env("GPT2_TEST_PYTHON", python())
-        .env("SCHEMATHESIS_MAX_TIME", "60")
+        .env("SCHEMATHESIS_MAX_EXAMPLES", "12")
         .env("SCHEMATHESIS_TIME_LIMIT", "150")
         .env("SCHEMATHESIS_REQUEST_TIMEOUT", "15")
-        .env_remove("SCHEMATHESIS_MAX_EXAMPLES")
+        .env_remove("SCHEMATHESIS_MAX_TIME")
         .env(
             "SCHEMATHESIS_SEED",
             std::env::var("SCHEMATHESIS_SEED").unwrap_or("1".into()),
@@ -407,6 +412,10 @@ fn schemathesis_finds_no_server_error_and_no_answer_that_breaks_the_description(
     assert!(
         generated >= 100,
         "only {generated} test cases ran:\n{report}"
+    );
+    eprintln!(
+        "schemathesis: {generated} test cases in {:?}, no failures",
+        started.elapsed()
     );
 
     // The server survived it: still healthy, and no panic in its log.
