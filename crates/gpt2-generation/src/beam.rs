@@ -160,9 +160,17 @@ impl BeamSearch {
             .collect();
 
         let step = Step {
+            // After the prefill there is one row: every beam holds the prompt, and the
+            // placeholder beams HF runs as rows of their own all continue that one row.
             parent_rows: next_running
                 .iter()
-                .map(|&i| candidates[i].beam as u32)
+                .map(|&i| {
+                    if rows == 1 {
+                        0
+                    } else {
+                        candidates[i].beam as u32
+                    }
+                })
                 .collect(),
             tokens: next_running.iter().map(|&i| candidates[i].token).collect(),
         };
