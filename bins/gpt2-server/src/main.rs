@@ -104,8 +104,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             .with_auth(auth)
             .with_metrics(handle),
     );
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
+    let listener = serve::listen(addr, args.max_connections)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     let bound = listener.local_addr().unwrap_or(addr);
     let open_files = serve::raise_open_file_limit();

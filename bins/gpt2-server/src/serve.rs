@@ -231,6 +231,20 @@ async fn serve_overflow(stream: TcpStream, _permit: OwnedSemaphorePermit) {
         .await;
 }
 
+/// Binds `addr` with a listen backlog as deep as the connection cap (the default 128 overflowed
+/// in bursts of a few thousand connections: the kernel dropped SYNs while the cap still had room).
+pub fn listen(addr: std::net::SocketAddr, max_connections: u64) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    let backlog = u32::try_from(max_connections.clamp(128, 65_535)).unwrap_or(1024);
+    socket.listen(backlog)
+}
+
 /// Raises the soft limit on open files to the hard one, so the connection cap, not the process
 /// limit, is what bounds clients (20,000 idle connections exhausted the default 1,024).
 pub fn raise_open_file_limit() -> Option<u64> {

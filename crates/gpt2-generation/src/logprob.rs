@@ -63,16 +63,73 @@ fn log_normaliser_body(logits: &[f32]) -> Option<(f32, f64)> {
 /// The natural log of `token`'s probability under the model's distribution (the softmax of the
 /// raw `logits`, before any temperature or truncation): what streamed tokens report.
 /// `−∞` for a token with no probability or outside `logits`.
+///
+/// Computed for every generated token, so the normaliser is summed in f32 lanes (half the work
+/// of the f64 sums beam search needs for HF parity: it was ~3% of a q8_0 step in f64); the result
+/// is within ~1e-6 of the f64 computation.
 pub fn token_logprob(logits: &[f32], token: u32) -> f32 {
+    token_logprob_with(Isa::active(), logits, token)
+}
+
+fn token_logprob_with(isa: Isa, logits: &[f32], token: u32) -> f32 {
     let Some(&logit) = logits.get(token as usize) else {
         return f32::NEG_INFINITY;
     };
-    match log_normaliser(logits) {
-        Some((max, log_sum)) if !logit.is_nan() => {
-            (f64::from(logit) - f64::from(max) - log_sum) as f32
-        }
+    let normaliser = match isa {
+        // SAFETY: the CPU has the features this function is compiled for.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 if isa.is_supported() => unsafe { log_normaliser_f32_avx512(logits) },
+        // SAFETY: as above.
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 if isa.is_supported() => unsafe { log_normaliser_f32_avx2(logits) },
+        _ => log_normaliser_f32_body(logits),
+    };
+    match normaliser {
+        Some((max, log_sum)) if !logit.is_nan() => logit - max - log_sum,
         _ => f32::NEG_INFINITY,
     }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx2,fma,f16c")]
+fn log_normaliser_f32_avx512(logits: &[f32]) -> Option<(f32, f32)> {
+    log_normaliser_f32_body(logits)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn log_normaliser_f32_avx2(logits: &[f32]) -> Option<(f32, f32)> {
+    log_normaliser_f32_body(logits)
+}
+
+/// `(max, ln Σ e^(l − max))` in f32 lanes; `None` when no logit is finite.
+#[inline(always)]
+fn log_normaliser_f32_body(logits: &[f32]) -> Option<(f32, f32)> {
+    const LANES: usize = 16;
+    let chunks = logits.chunks_exact(LANES);
+    let mut lane_max = [f32::NEG_INFINITY; LANES];
+    for chunk in chunks.clone() {
+        for (m, &l) in lane_max.iter_mut().zip(chunk) {
+            // `max` ignores NaN, as the f64 path's filter does.
+            *m = m.max(l);
+        }
+    }
+    let max = chunks
+        .remainder()
+        .iter()
+        .chain(&lane_max)
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    if max.is_infinite() || max.is_nan() {
+        return None;
+    }
+    let mut partial = [0.0f32; LANES];
+    for chunk in chunks.clone() {
+        for (sum, &l) in partial.iter_mut().zip(chunk) {
+            *sum += exp(l - max);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|&l| exp(l - max)).sum();
+    Some((max, (partial.iter().sum::<f32>() + tail).ln()))
 }
 
 /// `log_softmax(logits)` in f32, within an ulp of the f64 computation.
@@ -139,6 +196,23 @@ mod tests {
                 .map(|&l| (f64::from(l) - f64::from(max) - log_sum) as f32)
                 .collect::<Vec<_>>()
         });
+    }
+
+    #[test]
+    fn token_logprob_is_within_a_millionth_of_the_f64_computation_on_every_instruction_set() {
+        let logits = logits();
+        let want = f64_log_softmax(&logits);
+        for isa in Isa::available() {
+            for token in (0..logits.len() as u32)
+                .step_by(997)
+                .chain([50_257, 50_258])
+            {
+                let got = token_logprob_with(isa, &logits, token);
+                let want = want[token as usize];
+                let close = (got - want).abs() <= 1e-6 * want.abs().max(1.0);
+                assert!(close || got == want, "{isa} [{token}]: {got} vs {want}");
+            }
+        }
     }
 
     #[test]
