@@ -118,6 +118,15 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         "listening"
     );
 
+    // Freed request bodies and caches below the mmap threshold stay in the allocator's arenas:
+    // hand them back to the OS now and then (a few milliseconds on a quiet heap).
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            every.tick().await;
+            let _ = tokio::task::spawn_blocking(gpt2_engine::trim_freed_memory).await;
+        }
+    });
     let shutdown = std::sync::Arc::new(tokio::sync::Notify::new());
     let signalled = shutdown.clone();
     tokio::spawn(async move {

@@ -45,7 +45,9 @@ pub use events::{FinishReason, GenerationEvent, SequenceEnd, TokenEvent};
 pub use {gpt2_generation, gpt2_model, gpt2_schema, gpt2_tokenizer};
 
 pub use gpt2_generation::{GenerationParams, Strategy};
-pub use gpt2_model::{return_freed_memory_to_os, Isa, IsaError, KvFormat, WeightFormat, ISA_ENV};
+pub use gpt2_model::{
+    return_freed_memory_to_os, trim_freed_memory, Isa, IsaError, KvFormat, WeightFormat, ISA_ENV,
+};
 pub use gpt2_schema::{
     GenerationRequest, GenerationRequestBuilder, GenerationResponse, Limits, Mode, RequestError,
 };

@@ -22,6 +22,18 @@ pub fn return_freed_memory_to_os() {
     }
 }
 
+/// Returns the free memory of every allocator arena to the OS now (glibc's `malloc_trim`).
+/// Blocks under the mmap threshold (request bodies arrive in chunks of a few hundred KiB) stay in
+/// the arenas after they are freed: 300 stalled 6 MiB bodies left 1.8 GB resident for good. A
+/// server calls this now and then; a no-op elsewhere than glibc.
+pub fn trim_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of the allocator's own arenas.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// An empty vector with room for `len` floats whose pages the kernel is asked to back with
 /// huge pages. Must be filled before anything else touches it.
 fn huge_page_vec(len: usize) -> Vec<f32> {
