@@ -6,7 +6,7 @@ mod support;
 
 use std::process::{Command, Output};
 
-use support::{aws, python, Server};
+use support::{aws_invoke_endpoint, python, Server};
 
 const BODY: &str = r#"{"input": "Hello", "max_length": 8, "seed": 3}"#;
 const ACCESS_KEY_ID: &str = "AKIDGPT2TEST";
@@ -241,29 +241,9 @@ fn sigv4_as_the_aws_cli_signs_it() {
     let dir = std::env::temp_dir().join(format!("gpt2-auth-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out_file = dir.join("answer.json");
-    let version = run(Command::new(aws()).arg("--version"), "the AWS CLI");
-    let version = String::from_utf8_lossy(&version.stdout).to_string()
-        + &String::from_utf8_lossy(&version.stderr);
     let invoke = |secret: &str| {
-        let mut command = Command::new(aws());
-        command.args([
-            "sagemaker-runtime",
-            "invoke-endpoint",
-            "--endpoint-url",
-            &server.url(),
-            "--endpoint-name",
-            "gpt-2",
-            "--content-type",
-            "application/json",
-            "--body",
-            BODY,
-        ]);
-        if version.contains("aws-cli/2") {
-            command.args(["--cli-binary-format", "raw-in-base64-out"]);
-        }
-        command.arg(out_file.to_str().unwrap());
         run(
-            command
+            aws_invoke_endpoint(&server.url(), BODY, &out_file)
                 .env("AWS_ACCESS_KEY_ID", ACCESS_KEY_ID)
                 .env("AWS_SECRET_ACCESS_KEY", secret)
                 .env("AWS_DEFAULT_REGION", "us-east-1")

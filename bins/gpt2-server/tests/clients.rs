@@ -3,9 +3,9 @@
 
 mod support;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
-use support::{aws, python, Server};
+use support::{aws_invoke_endpoint, python, run_client, Server};
 
 const BODY: &str = r#"{"input": "This is an input text", "max_length": 16, "seed": 5}"#;
 
@@ -13,19 +13,6 @@ fn expected() -> Vec<String> {
     gpt2_engine::Pipeline::demo()
         .generate_json(BODY.as_bytes())
         .unwrap()
-}
-
-fn run(command: &mut Command, what: &str) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{what} could not be started ({e}); .ci/run installs it"));
-    assert!(
-        output.status.success(),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 fn dummy_aws_env(command: &mut Command) -> &mut Command {
@@ -48,7 +35,7 @@ response = client.invoke_endpoint(EndpointName="gpt-2", ContentType="application
 assert response["ContentType"] == "application/json", response["ContentType"]
 print(response["Body"].read().decode("utf-8"))
 "#;
-    let out = run(
+    let out = run_client(
         dummy_aws_env(Command::new(python()).args(["-c", script, &server.url(), BODY])),
         "python with boto3",
     );
@@ -70,7 +57,7 @@ except Exception as e:
 else:
     raise SystemExit("expected an error")
 "#;
-    let out = run(
+    let out = run_client(
         dummy_aws_env(Command::new(python()).args(["-c", script, &server.url()])),
         "python with boto3",
     );
@@ -84,31 +71,8 @@ fn aws_cli_invoke_endpoint() {
     let dir = std::env::temp_dir().join(format!("gpt2-aws-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let out_file = dir.join("out.json");
-    let version = run(
-        dummy_aws_env(Command::new(aws()).arg("--version")),
-        "aws --version",
-    );
-    let version = String::from_utf8_lossy(&version.stdout).to_string()
-        + &String::from_utf8_lossy(&version.stderr);
-    let mut command = Command::new(aws());
-    command.args([
-        "sagemaker-runtime",
-        "invoke-endpoint",
-        "--endpoint-url",
-        &server.url(),
-        "--endpoint-name",
-        "gpt-2",
-        "--content-type",
-        "application/json",
-        "--body",
-        BODY,
-    ]);
-    if version.contains("aws-cli/2") {
-        command.args(["--cli-binary-format", "raw-in-base64-out"]);
-    }
-    command.arg(out_file.to_str().unwrap());
-    run(
-        dummy_aws_env(&mut command),
+    run_client(
+        dummy_aws_env(&mut aws_invoke_endpoint(&server.url(), BODY, &out_file)),
         "aws sagemaker-runtime invoke-endpoint",
     );
     let texts: Vec<String> = serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
@@ -126,7 +90,7 @@ response = requests.post(sys.argv[1] + "/invocations", json=data)
 response.raise_for_status()
 print(json.dumps(response.json()))
 "#;
-    let out = run(
+    let out = run_client(
         Command::new(python()).args(["-c", script, &server.url(), BODY]),
         "python with requests",
     );
@@ -138,7 +102,7 @@ print(json.dumps(response.json()))
 fn curl_post_json() {
     let server = Server::start(&[]);
     let url = format!("{}/invocations", server.url());
-    let out = run(
+    let out = run_client(
         Command::new("curl").args([
             "-sS",
             "-f",

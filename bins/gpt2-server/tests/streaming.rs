@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use support::{python, HttpResponse, Server};
+use support::{python, run_client, HttpResponse, Server};
 
 const JSON: [(&str, &str); 1] = [("Content-Type", "application/json")];
 
@@ -29,19 +29,6 @@ fn expected(body: &str) -> Vec<String> {
     gpt2_engine::Pipeline::demo()
         .generate_json(body.as_bytes())
         .unwrap()
-}
-
-fn run(command: &mut Command, what: &str) -> Output {
-    let output = command
-        .output()
-        .unwrap_or_else(|e| panic!("{what} could not be started ({e}); .ci/run installs it"));
-    assert!(
-        output.status.success(),
-        "{what} failed:\nstdout: {}\nstderr: {}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    output
 }
 
 /// The JSON lines a script printed.
@@ -198,7 +185,7 @@ for body in json.loads(sys.argv[2]):
                       "content_type": response["ContentType"], "parts": parts}))
 "#;
     let bodies = serde_json::to_string(&BODIES).unwrap();
-    let out = run(
+    let out = run_client(
         dummy_aws_env(Command::new(python()).args(["-c", script, &server.url(), &bodies])),
         "python with boto3",
     );
@@ -250,7 +237,7 @@ for i, body in enumerate(json.loads(sys.argv[2])):
                           "transfer_encoding": r.headers.get("Transfer-Encoding"), "lines": lines}))
 "#;
     let bodies = serde_json::to_string(&BODIES).unwrap();
-    let out = run(
+    let out = run_client(
         Command::new(python()).args(["-c", script, &server.url(), &bodies]),
         "python with requests",
     );

@@ -274,3 +274,49 @@ pub fn python() -> String {
 pub fn aws() -> String {
     std::env::var("GPT2_TEST_AWS").unwrap_or_else(|_| "aws".to_string())
 }
+
+/// Runs a client and returns its output once it succeeded; a client that is missing or fails
+/// fails the test (never skips it), with its output.
+pub fn run_client(command: &mut Command, what: &str) -> std::process::Output {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} could not be started ({e}); .ci/run installs it"));
+    assert!(
+        output.status.success(),
+        "{what} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `aws sagemaker-runtime invoke-endpoint` against `url` with a JSON `body`, writing the answer
+/// to `out_file`; AWS CLI v2 also needs its raw-body flag. Credentials come from the caller.
+pub fn aws_invoke_endpoint(url: &str, body: &str, out_file: &std::path::Path) -> Command {
+    let version = Command::new(aws())
+        .arg("--version")
+        .output()
+        .unwrap_or_else(|e| panic!("the AWS CLI could not be started ({e}); .ci/run installs it"));
+    let version = String::from_utf8_lossy(&version.stdout).to_string()
+        + &String::from_utf8_lossy(&version.stderr);
+    let mut command = Command::new(aws());
+    command.args([
+        "sagemaker-runtime",
+        "invoke-endpoint",
+        "--endpoint-url",
+        url,
+        "--endpoint-name",
+        "gpt-2",
+        "--content-type",
+        "application/json",
+        "--body",
+        body,
+    ]);
+    if version.contains("aws-cli/2") {
+        command.args(["--cli-binary-format", "raw-in-base64-out"]);
+    }
+    command
+        .arg(out_file)
+        .env("AWS_EC2_METADATA_DISABLED", "true");
+    command
+}
