@@ -8,11 +8,18 @@
 - fixtures/generation/warper_goldens.safetensors (+ .json): logits rows and, for several
   (temperature, top_k, top_p), the next-token distribution after HF's warpers
   (TemperatureLogitsWarper → TopKLogitsWarper → TopPLogitsWarper → softmax).
+- fixtures/generation/repetition_goldens.json: greedy and beam search outputs of HF `generate()`
+  with `repetition_penalty` (0.8 to 3.0), some combined with no_repeat_ngram_size (beam) and
+  min_new_tokens, on the same two checkpoints.
 
 Run after tools/model_goldens.py (needs torch, transformers, safetensors):
     /tmp/hfvenv/bin/python tools/generation_goldens.py
+`--only NAME` (repeatable: eos-checkpoint, search, warper, repetition) writes only those; e.g.
+    /tmp/hfvenv/bin/python tools/generation_goldens.py --only repetition
+leaves the checkpoint and the other goldens untouched.
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -197,11 +204,134 @@ def run_warper_goldens():
         )
 
 
+REPETITION_PENALTIES = [1.2, 1.5, 0.8, 3.0, 1.05]
+
+
+def repetition_cases():
+    """(checkpoint, prompt length, small alphabet, mode, num_beams, no_repeat_ngram_size,
+    num_return_sequences, min_new_tokens, new tokens, repetition_penalty)."""
+    shapes = [
+        # mode, beams, ngram, nret, min_new_tokens
+        ("greedy", 1, 0, 1, 0),
+        ("greedy", 1, 0, 1, 0),
+        ("greedy", 1, 0, 1, 5),
+        ("beam", 2, 0, 2, 0),
+        ("beam", 3, 0, 1, 0),
+        ("beam", 4, 0, 4, 0),
+        ("beam", 5, 0, 3, 0),
+        ("beam", 3, 2, 2, 0),
+        ("beam", 4, 3, 1, 0),
+        ("beam", 5, 0, 5, 4),
+        ("beam", 1, 2, 1, 0),
+    ]
+    lengths = [1, 5, 9, 16, 3, 12]
+    cases = []
+    for checkpoint in ("tiny-eos", "tiny-safetensors"):
+        for i, (mode, beams, ngram, nret, min_new) in enumerate(shapes):
+            for j, penalty in enumerate(REPETITION_PENALTIES):
+                if (i + j) % 5 == 4 and penalty != 1.05:
+                    continue  # keep the set small: skip one (shape, penalty) in five
+                prompt_len = lengths[(i + 2 * j) % len(lengths)]
+                # Prompts drawn from a 12-token alphabet repeat tokens, so the penalty bites on
+                # the prompt as well as on the generated tokens.
+                small_alphabet = (i + j) % 3 == 0
+                new_tokens = [8, 15, 25, 40][(i + j) % 4]
+                cases.append(
+                    (checkpoint, prompt_len, small_alphabet, mode, beams, ngram, nret, min_new, new_tokens, penalty)
+                )
+    return cases
+
+
+def _generate(model, prompt, max_length, beams, ngram, nret, min_new, penalty):
+    config = GenerationConfig(
+        max_length=max_length,
+        do_sample=False,
+        num_beams=beams,
+        num_return_sequences=nret,
+        no_repeat_ngram_size=ngram if ngram else None,
+        repetition_penalty=penalty,
+        min_new_tokens=min_new if min_new else None,
+        early_stopping=True,
+        length_penalty=1.0,
+        eos_token_id=EOS,
+        pad_token_id=EOS,
+        bos_token_id=EOS,
+    )
+    with torch.no_grad():
+        sequences = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), generation_config=config)
+    outputs = []
+    for row in sequences.tolist():
+        generated = row[prompt.shape[1] :]
+        # Everything from the first EOS on is EOS or padding (also EOS): drop it.
+        if EOS in generated:
+            generated = generated[: generated.index(EOS)]
+            ended_by_eos = True
+        else:
+            ended_by_eos = False
+        outputs.append({"generated": generated, "ended_by_eos": ended_by_eos})
+    return outputs
+
+
+def run_repetition_goldens():
+    gen = torch.Generator().manual_seed(23)
+    models = {}
+    out = []
+    for checkpoint, prompt_len, small, mode, beams, ngram, nret, min_new, new_tokens, penalty in repetition_cases():
+        if checkpoint not in models:
+            models[checkpoint] = GPT2LMHeadModel.from_pretrained(os.path.join(MODELS, checkpoint)).eval()
+        model = models[checkpoint]
+        prompt = torch.randint(0, 12 if small else EOS, (1, prompt_len), generator=gen)
+        max_length = prompt_len + new_tokens
+        outputs = _generate(model, prompt, max_length, beams, ngram, nret, min_new, penalty)
+        # The same request without the penalty: whether the penalty changed HF's answer.
+        plain = _generate(model, prompt, max_length, beams, ngram, nret, min_new, 1.0)
+        out.append(
+            {
+                "checkpoint": checkpoint,
+                "mode": mode,
+                "prompt": prompt[0].tolist(),
+                "max_length": max_length,
+                "num_beams": beams,
+                "no_repeat_ngram_size": ngram,
+                "num_return_sequences": nret,
+                "min_new_tokens": min_new,
+                "repetition_penalty": penalty,
+                "changed_by_penalty": outputs != plain,
+                "outputs": outputs,
+            }
+        )
+    eos_endings = sum(o["ended_by_eos"] for case in out for o in case["outputs"])
+    changed = sum(case["changed_by_penalty"] for case in out)
+    print(
+        f"{len(out)} repetition cases, {changed} changed by the penalty, {eos_endings} outputs ended by EOS"
+    )
+    with open(os.path.join(OUT, "repetition_goldens.json"), "w") as f:
+        f.write('{"transformers": "%s", "torch": "%s", "cases": [\n' % (transformers.__version__, torch.__version__))
+        f.write(",\n".join(json.dumps(case) for case in out))
+        f.write("\n]}\n")
+
+
+STEPS = {
+    "eos-checkpoint": write_eos_checkpoint,
+    "search": run_search_goldens,
+    "warper": run_warper_goldens,
+    "repetition": run_repetition_goldens,
+}
+
+
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--only",
+        action="append",
+        choices=list(STEPS),
+        help="write only this (repeatable); default: everything, in order",
+    )
+    args = parser.parse_args()
     os.makedirs(OUT, exist_ok=True)
-    write_eos_checkpoint()
-    run_search_goldens()
-    run_warper_goldens()
+    for name, step in STEPS.items():
+        if args.only is None or name in args.only:
+            step()
 
 
 if __name__ == "__main__":

@@ -37,9 +37,12 @@ mod events;
 mod pipeline;
 mod prepare;
 mod run;
+mod stop;
 mod worker;
 
-pub use events::{FinishReason, GenerationEvent, SequenceEnd, TokenEvent};
+pub use events::{
+    FinishReason, GenerationEvent, PromptToken, SequenceEnd, SequenceOutput, TokenEvent, TopLogprob,
+};
 /// The crates behind this one's public types ([`Pipeline::model`], [`Pipeline::tokenizer`], the
 /// errors), re-exported so that callers name them at the same versions.
 pub use {gpt2_generation, gpt2_model, gpt2_schema, gpt2_tokenizer};
@@ -52,7 +55,7 @@ pub use gpt2_schema::{
     GenerationRequest, GenerationRequestBuilder, GenerationResponse, Limits, Mode, RequestError,
 };
 pub use pipeline::{GenerationOutput, GenerationStream, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
-pub use run::{generate_ids, Decoding};
+pub use run::{generate_ids, Decoding, TokenScore};
 pub use worker::{
     Completed, Engine, EngineConfig, EngineStats, EngineStream, StreamTimings, SubmitError,
 };

@@ -8,7 +8,7 @@ use gpt2_tokenizer::Gpt2Tokenizer;
 
 use std::collections::VecDeque;
 
-use crate::events::{EventBuilder, GenerationEvent};
+use crate::events::{Collector, EventBuilder, GenerationEvent, PromptToken, SequenceOutput};
 use crate::{Decoding, EngineError};
 
 /// Where SageMaker puts a model; the default model directory when it exists.
@@ -145,9 +145,7 @@ impl Pipeline {
         mut should_stop: impl FnMut() -> bool,
     ) -> Result<GenerationOutput, EngineError> {
         let mut stream = self.stream(request)?;
-        let prompt_tokens = stream.prompt_tokens();
-        let mut texts = vec![None; request.num_return_sequences()];
-        let mut generated_tokens = 0;
+        let mut collector = Collector::new(request.num_return_sequences());
         loop {
             if should_stop() {
                 return Err(EngineError::Cancelled);
@@ -155,20 +153,10 @@ impl Pipeline {
             match stream.next() {
                 None => break,
                 Some(Err(e)) => return Err(e),
-                Some(Ok(GenerationEvent::Token(_))) => {}
-                Some(Ok(GenerationEvent::End(end))) => {
-                    generated_tokens += end.generated_tokens;
-                    if let Some(slot) = texts.get_mut(end.index) {
-                        *slot = Some(end.text);
-                    }
-                }
+                Some(Ok(event)) => collector.push(event),
             }
         }
-        Ok(GenerationOutput {
-            texts: texts.into_iter().map(Option::unwrap_or_default).collect(),
-            prompt_tokens,
-            generated_tokens,
-        })
+        Ok(collector.finish(stream.prompt_tokens()))
     }
 
     /// Answers a request as a stream of events: each generated token of each sequence, and each
@@ -194,15 +182,13 @@ impl Pipeline {
     /// ```
     pub fn stream(&self, request: &GenerationRequest) -> Result<GenerationStream<'_>, EngineError> {
         let (prompt, params) = self.prepare(request)?;
+        let shape = crate::prepare::answer_shape(&self.tokenizer, request, &params)?;
         Ok(GenerationStream {
             pipeline: self,
             prompt_tokens: prompt.len(),
+            score_prompt: request.prompt_logprobs(),
             state: StreamState::Prepared(prompt, params),
-            builder: EventBuilder::new(
-                &self.tokenizer,
-                request.input(),
-                request.num_return_sequences(),
-            ),
+            builder: EventBuilder::new(&self.tokenizer, shape, request.num_return_sequences()),
             ready: VecDeque::new(),
         })
     }
@@ -218,20 +204,26 @@ impl Pipeline {
 }
 
 /// A request's answer and what it cost.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct GenerationOutput {
-    /// One string per returned sequence: the prompt followed by its continuation.
+    /// One string per returned sequence: the prompt (unless `return_full_text` is off) followed
+    /// by its continuation.
     pub texts: Vec<String>,
     /// Tokens in the prompt.
     pub prompt_tokens: usize,
     /// Tokens generated, summed over the returned sequences.
     pub generated_tokens: usize,
+    /// Each returned sequence's end and tokens, in order (for detailed answers).
+    pub sequences: Vec<SequenceOutput>,
+    /// The prompt's tokens with their log-probabilities, when the request asked for them.
+    pub prompt: Option<Vec<PromptToken>>,
 }
 
 /// A request's events, from [`Pipeline::stream`].
 pub struct GenerationStream<'p> {
     pipeline: &'p Pipeline,
     prompt_tokens: usize,
+    score_prompt: bool,
     state: StreamState,
     builder: EventBuilder<'p>,
     ready: VecDeque<GenerationEvent>,
@@ -252,9 +244,19 @@ impl GenerationStream<'_> {
     /// Runs the prefill or one decode step, queueing its events.
     fn advance(&mut self) -> Result<(), EngineError> {
         let model = self.pipeline.model();
-        let decoding = match std::mem::replace(&mut self.state, StreamState::Done) {
+        let mut events = Vec::new();
+        let mut decoding = match std::mem::replace(&mut self.state, StreamState::Done) {
             StreamState::Prepared(prompt, params) => {
-                Box::new(Decoding::start(model, &prompt, params)?)
+                let mut decoding = Box::new(Decoding::start_scoring(
+                    model,
+                    &prompt,
+                    params,
+                    self.score_prompt,
+                )?);
+                if let Some(scores) = decoding.take_prompt_scores() {
+                    self.builder.on_prompt(&prompt, &scores, &mut events)?;
+                }
+                decoding
             }
             StreamState::Running(mut decoding) => {
                 decoding.step(model)?;
@@ -262,8 +264,8 @@ impl GenerationStream<'_> {
             }
             StreamState::Done => return Ok(()),
         };
-        let mut events = Vec::new();
-        self.builder.on_emitted(decoding.emitted(), &mut events)?;
+        let stopped = self.builder.on_emitted(decoding.emitted(), &mut events)?;
+        decoding.end_sequences(&stopped)?;
         if decoding.is_done() {
             let eos = decoding.eos_token_id();
             self.builder

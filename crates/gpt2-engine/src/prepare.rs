@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use gpt2_generation::GenerationParams;
+use gpt2_generation::{GenerationParams, Strategy};
 use gpt2_model::Gpt2Config;
 use gpt2_schema::{GenerationRequest, RequestError};
 use gpt2_tokenizer::Gpt2Tokenizer;
 
+use crate::events::AnswerShape;
 use crate::EngineError;
 
 /// Tokenizes the prompt and checks the limits that need it: the prompt's ids and the generation
@@ -39,7 +40,10 @@ pub(crate) fn prepare_request(
         }
         .into());
     }
-    let prompt = tokenizer.encode(input)?;
+    let prompt = match request.input_ids() {
+        Some(ids) => ids.to_vec(),
+        None => tokenizer.encode(input)?,
+    };
     if prompt.is_empty() {
         return Err(RequestError::InvalidField {
             field: "input",
@@ -57,8 +61,46 @@ pub(crate) fn prepare_request(
         }
         .into());
     }
-    let params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
+    if let Some(&(bad, _)) = request
+        .logit_bias()
+        .iter()
+        .find(|&&(id, _)| id as usize >= config.vocab_size)
+    {
+        return Err(RequestError::InvalidField {
+            field: "logit_bias",
+            reason: format!(
+                "token {bad} is outside this model's vocabulary of {}",
+                config.vocab_size
+            ),
+        }
+        .into());
+    }
+    let mut params = request.to_params(prompt.len(), config.n_positions, config.eos_token_id)?;
+    // A random seed is drawn here rather than in the generator, so that answers can report it.
+    if matches!(params.strategy, Strategy::Sample(_)) && params.seed.is_none() {
+        params.seed = Some(gpt2_generation::rand::random());
+    }
     Ok((prompt, params))
+}
+
+/// What the answer strings of `request` are made of besides the generated text: the prompt as
+/// text (decoded when it came as token ids) unless `return_full_text` is off, the stop strings,
+/// and the seed.
+pub(crate) fn answer_shape(
+    tokenizer: &Gpt2Tokenizer,
+    request: &GenerationRequest,
+    params: &GenerationParams,
+) -> Result<AnswerShape, EngineError> {
+    let prefix = match (request.return_full_text(), request.input_ids()) {
+        (false, _) => String::new(),
+        (true, Some(ids)) => tokenizer.decode(ids)?,
+        (true, None) => request.input().to_string(),
+    };
+    Ok(AnswerShape {
+        prefix,
+        stop: request.stop().to_vec(),
+        seed: params.seed,
+    })
 }
 
 /// [`prepare_request`] with its own copy of the tokenizer and config, cheap to clone and to send
@@ -75,6 +117,14 @@ impl Preparer {
             tokenizer: Arc::new(tokenizer.clone()),
             config: Arc::new(config.clone()),
         }
+    }
+
+    pub(crate) fn tokenizer(&self) -> &Gpt2Tokenizer {
+        &self.tokenizer
+    }
+
+    pub(crate) fn config(&self) -> &Gpt2Config {
+        &self.config
     }
 
     pub(crate) fn prepare(

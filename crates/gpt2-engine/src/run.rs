@@ -1,8 +1,11 @@
 use candle_core::Tensor;
-use gpt2_generation::{Emitted, GenerationParams, Generator};
+use gpt2_generation::{token_logprob, top_logprobs, Emitted, GenerationParams, Generator};
 use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError};
 
 use crate::EngineError;
+
+/// A token's log-probability and its most likely alternatives `(id, log-probability)`.
+pub type TokenScore = (f32, Vec<(u32, f32)>);
 
 /// One request's sequences on their way through the model: its generator, its KV cache, and the
 /// tokens its next decode step feeds. Many of them can share one decode step
@@ -12,6 +15,8 @@ pub struct Decoding {
     generator: Generator,
     cache: KvCache,
     pending: Vec<u32>,
+    /// `(logprob, top alternatives)` of every prompt token but the first, when asked for.
+    prompt_scores: Option<Vec<TokenScore>>,
 }
 
 impl Decoding {
@@ -21,23 +26,78 @@ impl Decoding {
         prompt: &[u32],
         params: GenerationParams,
     ) -> Result<Self, EngineError> {
+        Self::start_scoring(model, prompt, params, false)
+    }
+
+    /// [`Decoding::start`] that, when `score_prompt` is set, also computes the log-probability
+    /// of every prompt token after the first (and its `params.top_logprobs` alternatives), for
+    /// [`Decoding::take_prompt_scores`]. The prefill then computes logits at every prompt
+    /// position instead of the last: `prompt × vocab` floats, once.
+    pub fn start_scoring(
+        model: &Gpt2Model,
+        prompt: &[u32],
+        params: GenerationParams,
+        score_prompt: bool,
+    ) -> Result<Self, EngineError> {
         let max_length = params.max_length;
-        let generator = Generator::new(prompt, params, model.config().vocab_size)?;
+        let top_n = params.top_logprobs;
+        let vocab = model.config().vocab_size;
+        let generator = Generator::new(prompt, params, vocab)?;
         let mut cache = model.new_cache_with_capacity(max_length);
         let prompt_tensor = Tensor::from_slice(prompt, (1, prompt.len()), model.device())
             .map_err(ModelError::from)?;
+        let which = if score_prompt {
+            LogitsFor::All
+        } else {
+            LogitsFor::Last
+        };
         let logits = model
-            .forward(&prompt_tensor, &mut cache, LogitsFor::Last)?
+            .forward(&prompt_tensor, &mut cache, which)?
             .flatten_all()
             .and_then(|t| t.to_vec1::<f32>())
             .map_err(ModelError::from)?;
+        let (prompt_scores, last) = if score_prompt {
+            let rows: Vec<&[f32]> = logits.chunks_exact(vocab).collect();
+            let scores = prompt
+                .iter()
+                .skip(1)
+                .zip(&rows)
+                .map(|(&token, row)| (token_logprob(row, token), top_logprobs(row, top_n)))
+                .collect();
+            let last = logits.len().saturating_sub(vocab);
+            (Some(scores), &logits[last..])
+        } else {
+            (None, &logits[..])
+        };
         let mut decoding = Self {
             generator,
             cache,
             pending: Vec::new(),
+            prompt_scores,
         };
-        decoding.advance(&logits)?;
+        decoding.advance(last)?;
         Ok(decoding)
+    }
+
+    /// The prompt's scores computed by [`Decoding::start_scoring`] (once; `None` afterwards or
+    /// when not asked for): `(logprob, top alternatives)` of every prompt token but the first.
+    pub fn take_prompt_scores(&mut self) -> Option<Vec<TokenScore>> {
+        self.prompt_scores.take()
+    }
+
+    /// Ends returned sequences before generation would (see [`Generator::end_sequences`]): their
+    /// rows leave the next decode step and the KV cache.
+    pub fn end_sequences(&mut self, indices: &[usize]) -> Result<(), EngineError> {
+        if let Some(kept) = self.generator.end_sequences(indices) {
+            self.pending = kept
+                .iter()
+                .filter_map(|&row| self.pending.get(row as usize).copied())
+                .collect();
+            if !self.pending.is_empty() {
+                self.cache.reorder(&kept)?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether generation is over.

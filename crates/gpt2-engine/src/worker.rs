@@ -15,7 +15,7 @@ use futures_core::Stream;
 use gpt2_schema::GenerationRequest;
 use tokio::sync::{mpsc as channel, OwnedSemaphorePermit, Semaphore};
 
-use crate::events::{EventBuilder, GenerationEvent};
+use crate::events::{Collector, EventBuilder, GenerationEvent};
 use crate::prepare::Preparer;
 use crate::{Decoding, EngineError, GenerationOutput, Pipeline};
 
@@ -188,6 +188,16 @@ impl Engine {
         &self.config
     }
 
+    /// The served model's tokenizer (a copy the caller's side uses; the worker has its own).
+    pub fn tokenizer(&self) -> &gpt2_tokenizer::Gpt2Tokenizer {
+        self.preparer.tokenizer()
+    }
+
+    /// The served model's configuration (vocabulary, `n_positions`, end-of-text token).
+    pub fn model_config(&self) -> &gpt2_model::Gpt2Config {
+        self.preparer.config()
+    }
+
     /// Whether the inference worker is running (false after it died, for health checks).
     pub fn is_alive(&self) -> bool {
         self.alive.load(Ordering::Relaxed)
@@ -310,25 +320,15 @@ impl Engine {
 
     /// Queues a request and waits for its whole answer: [`Engine::stream`], collected.
     pub async fn generate(&self, request: GenerationRequest) -> Result<Completed, SubmitError> {
-        let mut texts = vec![None; request.num_return_sequences()];
+        let mut collector = Collector::new(request.num_return_sequences());
         let mut stream = self.stream(request).await?;
-        let mut generated_tokens = 0;
         while let Some(event) = std::future::poll_fn(|cx| Pin::new(&mut stream).poll_next(cx)).await
         {
-            if let GenerationEvent::End(end) = event? {
-                generated_tokens += end.generated_tokens;
-                if let Some(slot) = texts.get_mut(end.index) {
-                    *slot = Some(end.text);
-                }
-            }
+            collector.push(event?);
         }
         let timings = stream.timings();
         Ok(Completed {
-            output: GenerationOutput {
-                texts: texts.into_iter().map(Option::unwrap_or_default).collect(),
-                prompt_tokens: stream.prompt_tokens,
-                generated_tokens,
-            },
+            output: collector.finish(stream.prompt_tokens),
             queued: timings.queued,
             generation: timings.generation,
             first_token: timings.first_token,
@@ -431,7 +431,13 @@ impl Stream for EngineStream {
                     this.prompt_tokens = prompt_tokens;
                 }
                 Poll::Ready(Some(WorkerMessage::Events(events))) => {
-                    this.first_event.get_or_insert_with(Instant::now);
+                    // The prompt's scores come before any generated token.
+                    if events
+                        .iter()
+                        .any(|e| !matches!(e, GenerationEvent::Prompt(_)))
+                    {
+                        this.first_event.get_or_insert_with(Instant::now);
+                    }
                     this.ready.extend(events);
                     if let Some(event) = this.ready.pop_front() {
                         return Poll::Ready(Some(Ok(event)));
@@ -483,7 +489,10 @@ impl Running<'_> {
             mut events,
         } = self;
         let mut out = Vec::new();
-        let mut result = events.on_emitted(decoding.emitted(), &mut out);
+        let mut decoding = decoding;
+        let mut result = events
+            .on_emitted(decoding.emitted(), &mut out)
+            .and_then(|stopped| decoding.end_sequences(&stopped));
         let done = decoding.is_done();
         let mut decoding = Some(decoding);
         if done && result.is_ok() {
@@ -593,20 +602,38 @@ fn start(pipeline: &Pipeline, mut job: Job, started: Instant) -> Option<Running<
         prompt_tokens: prompt.len(),
     });
     let prefill = Instant::now();
-    let started_decoding = Decoding::start(pipeline.model(), &prompt, job.params.clone());
+    let started_decoding = Decoding::start_scoring(
+        pipeline.model(),
+        &prompt,
+        job.params.clone(),
+        job.request.prompt_logprobs(),
+    );
     metrics::histogram!("gpt2_prefill_duration_seconds").record(prefill.elapsed().as_secs_f64());
-    let decoding = match started_decoding {
-        Ok(decoding) => decoding,
+    let built = started_decoding.and_then(|mut decoding| {
+        let shape = crate::prepare::answer_shape(pipeline.tokenizer(), &job.request, &job.params)?;
+        let events = EventBuilder::new(
+            pipeline.tokenizer(),
+            shape,
+            job.request.num_return_sequences(),
+        );
+        let mut out = Vec::new();
+        if let Some(scores) = decoding.take_prompt_scores() {
+            events.on_prompt(&prompt, &scores, &mut out)?;
+        }
+        Ok((decoding, events, out))
+    });
+    let (decoding, events) = match built {
+        Ok((decoding, events, out)) => {
+            if !out.is_empty() {
+                job.send(WorkerMessage::Events(out));
+            }
+            (decoding, events)
+        }
         Err(e) => {
             job.send(WorkerMessage::Failed(e));
             return None;
         }
     };
-    let events = EventBuilder::new(
-        pipeline.tokenizer(),
-        job.request.input(),
-        job.request.num_return_sequences(),
-    );
     Some(Running {
         job,
         decoding,
@@ -780,6 +807,7 @@ mod tests {
                         deltas[token.index].push_str(&token.text);
                     }
                     GenerationEvent::End(end) => ends[end.index] = Some(end.text),
+                    GenerationEvent::Prompt(_) => panic!("not asked for"),
                 }
             }
             assert!(stream.timings().first_token.is_some());

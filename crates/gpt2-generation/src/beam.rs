@@ -5,7 +5,7 @@
 
 use crate::logprob::log_softmax;
 use crate::ngram::ban_repeated_ngrams;
-use crate::{BeamParams, Step};
+use crate::{BeamParams, LogitsProcessing, Step};
 
 /// HF's stand-in for "impossible": added to scores of candidates that must not be chosen.
 const IMPOSSIBLE: f32 = -1.0e9;
@@ -34,6 +34,8 @@ pub struct BeamSearch {
     prompt_len: usize,
     max_length: usize,
     eos_token_id: Option<u32>,
+    /// Processors applied to each beam's log-probabilities (all off by default).
+    processing: LogitsProcessing,
     /// Running hypotheses (prompt included), always `num_beams` of them.
     running: Vec<Vec<u32>>,
     running_scores: Vec<f32>,
@@ -63,6 +65,7 @@ impl BeamSearch {
             prompt_len: prompt.len(),
             max_length,
             eos_token_id,
+            processing: LogitsProcessing::default(),
             running: vec![prompt.to_vec(); num_beams],
             running_scores,
             finished: (0..num_beams)
@@ -75,6 +78,13 @@ impl BeamSearch {
             done: prompt.len() >= max_length,
             scores: Vec::new(),
         }
+    }
+
+    /// Applies `processing` to each beam's log-probabilities before they are ranked (HF's
+    /// beam search runs its logits processors on the log-softmax, as here).
+    pub fn with_processing(mut self, processing: LogitsProcessing) -> Self {
+        self.processing = processing;
+        self
     }
 
     /// Whether the search has ended.
@@ -100,12 +110,25 @@ impl BeamSearch {
         scores.clear();
         for beam in 0..num_beams {
             let row = if rows == 1 { 0 } else { beam.min(rows - 1) };
-            let mut log_probs = log_softmax(&logits[row * vocab..(row + 1) * vocab]);
-            ban_repeated_ngrams(
-                &mut log_probs,
-                &self.running[beam],
-                self.params.no_repeat_ngram_size,
-            );
+            let row_logits = &logits[row * vocab..(row + 1) * vocab];
+            let sequence = &self.running[beam];
+            let (prompt, generated) = sequence.split_at(self.prompt_len.min(sequence.len()));
+            let mut log_probs = if num_beams == 1 && !self.processing.is_off() {
+                // HF runs one beam as greedy search, whose processors see the raw logits; the
+                // ranking is then that of the processed logits.
+                let mut processed = row_logits.to_vec();
+                self.processing
+                    .apply_before_ngram(&mut processed, prompt, generated);
+                log_softmax(&processed)
+            } else {
+                let mut log_probs = log_softmax(row_logits);
+                self.processing
+                    .apply_before_ngram(&mut log_probs, prompt, generated);
+                log_probs
+            };
+            ban_repeated_ngrams(&mut log_probs, sequence, self.params.no_repeat_ngram_size);
+            self.processing
+                .apply_after_ngram(&mut log_probs, generated.len(), self.eos_token_id);
             let beam_score = self.running_scores[beam];
             scores.extend(log_probs.iter().map(|lp| lp + beam_score));
         }
@@ -208,7 +231,7 @@ impl BeamSearch {
 ///
 /// One pass that keeps the `k` best seen so far: `k` is at most 2·num_beams while `values` holds
 /// num_beams·vocab scores, so nearly every value is rejected by a single comparison.
-fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+pub(crate) fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
     let k = k.min(values.len());
     if k == 0 {
         return Vec::new();

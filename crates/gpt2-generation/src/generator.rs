@@ -2,7 +2,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::beam::BeamSearch;
-use crate::logprob::token_logprob;
+use crate::logprob::{token_logprob, top_logprobs};
 use crate::sampling::{argmax, Candidates};
 use crate::{GenerationError, GenerationParams, Strategy};
 
@@ -36,7 +36,7 @@ impl FinishReason {
 }
 
 /// A token chosen for one returned sequence by the last [`Generator::advance`].
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Emitted {
     /// The returned sequence it extends (`0..num_return_sequences`).
     pub index: usize,
@@ -46,6 +46,9 @@ pub struct Emitted {
     pub logprob: f32,
     /// `Some` when this token ends the sequence.
     pub finished: Option<FinishReason>,
+    /// The [`GenerationParams::top_logprobs`] most likely tokens at this position with their
+    /// log-probabilities (as `logprob`), most likely first; empty when none were asked for.
+    pub top_logprobs: Vec<(u32, f32)>,
 }
 
 /// The sampling stream of returned sequence `index` under `seed`: the same on every machine,
@@ -88,6 +91,8 @@ enum State {
 ///     num_return_sequences: 1,
 ///     eos_token_id: None,
 ///     seed: None,
+///     processing: Default::default(),
+///     top_logprobs: 0,
 /// };
 /// let mut generator = Generator::new(&[7, 8], params, 3).unwrap();
 /// // A "model" that always prefers token 2.
@@ -101,8 +106,14 @@ enum State {
 pub struct Generator {
     params: GenerationParams,
     prompt_len: usize,
+    /// The prompt, kept only when a processor needs it (the repetition penalty).
+    prompt: Vec<u32>,
     vocab_size: usize,
     state: State,
+    /// Returned sequences ended by the caller ([`Generator::end_sequences`]).
+    ended_by_caller: Vec<bool>,
+    /// Reused buffer for a processed row of logits.
+    scratch: Vec<f32>,
     /// What the last `advance` chose, per returned sequence (empty in beam search, whose
     /// sequences are only known at the end).
     emitted: Vec<Emitted>,
@@ -135,6 +146,10 @@ impl Generator {
                 "vocab_size must be positive".into(),
             ));
         }
+        params
+            .processing
+            .validate()
+            .map_err(GenerationError::InvalidParams)?;
         let state = match params.strategy {
             Strategy::Greedy => State::Independent {
                 // Every greedy sequence would be identical: compute one, copy it at the end.
@@ -179,20 +194,26 @@ impl Generator {
                         "num_return_sequences must not exceed num_beams".into(),
                     ));
                 }
-                State::Beam(BeamSearch::new(
-                    prompt,
-                    beam,
-                    params.max_length,
-                    params.eos_token_id,
-                ))
+                State::Beam(
+                    BeamSearch::new(prompt, beam, params.max_length, params.eos_token_id)
+                        .with_processing(params.processing.clone()),
+                )
             }
         };
+        let kept_prompt = if params.processing.needs_prompt() {
+            prompt.to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(Self {
+            ended_by_caller: vec![false; params.num_return_sequences],
             params,
             prompt_len: prompt.len(),
+            prompt: kept_prompt,
             vocab_size,
             state,
             emitted: Vec::new(),
+            scratch: Vec::new(),
         })
     }
 
@@ -226,9 +247,25 @@ impl Generator {
                     });
                 }
                 let strategy = self.params.strategy;
+                let processing = &self.params.processing;
+                let processed = !processing.is_off();
+                let top_n = self.params.top_logprobs;
+                let prompt = &self.prompt;
+                let scratch = &mut self.scratch;
                 let first_step = cur_len == self.prompt_len;
-                // After the prefill all sequences share row 0; process its distribution once.
+                // The scores the strategy chooses from: the raw row, or its processed copy.
+                let process = |scratch: &mut Vec<f32>, raw: &[f32], generated: &[u32]| {
+                    scratch.clear();
+                    scratch.extend_from_slice(raw);
+                    processing.apply(scratch, prompt, generated, eos);
+                };
+                // After the prefill all sequences share row 0 and have generated nothing, so
+                // they share its processed distribution: compute it once.
                 let shared = match (&strategy, first_step) {
+                    (Strategy::Sample(p), true) if processed => {
+                        process(scratch, &logits[..vocab], &[]);
+                        Some(Candidates::from_logits(scratch, p))
+                    }
                     (Strategy::Sample(p), true) => {
                         Some(Candidates::from_logits(&logits[..vocab], p))
                     }
@@ -247,13 +284,19 @@ impl Generator {
                 for (row, seq_index) in owners {
                     let row_logits = &logits[row * vocab..(row + 1) * vocab];
                     let sequence = &mut sequences[seq_index];
+                    let scores: &[f32] = if processed && shared.is_none() {
+                        process(scratch, row_logits, &sequence.generated);
+                        scratch
+                    } else {
+                        row_logits
+                    };
                     let token = match &strategy {
-                        Strategy::Greedy => argmax(row_logits),
+                        Strategy::Greedy => argmax(scores),
                         Strategy::Sample(p) => {
                             let rng = sequence.rng.as_mut().ok_or(GenerationError::Internal)?;
                             match &shared {
                                 Some(candidates) => candidates.draw(rng),
-                                None => Candidates::from_logits(row_logits, p).draw(rng),
+                                None => Candidates::from_logits(scores, p).draw(rng),
                             }
                         }
                         Strategy::Beam(_) => return Err(GenerationError::Internal),
@@ -270,12 +313,18 @@ impl Generator {
                         None
                     };
                     let logprob = token_logprob(row_logits, token);
+                    let top = top_logprobs(row_logits, top_n);
                     for copy in 0..copies {
+                        let index = seq_index + copy;
+                        if self.ended_by_caller.get(index).copied().unwrap_or(true) {
+                            continue;
+                        }
                         self.emitted.push(Emitted {
-                            index: seq_index + copy,
+                            index,
                             token,
                             logprob,
                             finished,
+                            top_logprobs: top.clone(),
                         });
                     }
                     if finished.is_some() {
@@ -294,6 +343,50 @@ impl Generator {
                 })
             }
         }
+    }
+
+    /// Ends the returned sequences `indices` before generation would (a caller's stop condition,
+    /// such as a stop string, met by the tokens emitted so far): they emit nothing more, and
+    /// [`Generator::into_outputs`] returns what they generated so far.
+    ///
+    /// Returns the rows of the last [`Step`] that still run, in order, when that changed: the
+    /// caller drops the others from its batch (and its KV cache). Beam search ignores this (its
+    /// sequences are only known at the end) and returns `None`, as does a call that ends no row.
+    pub fn end_sequences(&mut self, indices: &[usize]) -> Option<Vec<u32>> {
+        for &index in indices {
+            if let Some(ended) = self.ended_by_caller.get_mut(index) {
+                *ended = true;
+            }
+        }
+        let copies = self.params.num_return_sequences;
+        let ended_by_caller = &self.ended_by_caller;
+        let State::Independent { sequences, rows } = &mut self.state else {
+            return None;
+        };
+        // Greedy computes one sequence for every returned copy: it runs while any copy does.
+        let shared_by_copies = sequences.len() == 1 && copies > 1;
+        let is_ended = |seq: usize| {
+            if shared_by_copies {
+                ended_by_caller.iter().all(|&e| e)
+            } else {
+                ended_by_caller.get(seq).copied().unwrap_or(true)
+            }
+        };
+        if !rows.iter().any(|&seq| is_ended(seq)) {
+            return None;
+        }
+        let mut kept = Vec::with_capacity(rows.len());
+        let mut kept_sequences = Vec::with_capacity(rows.len());
+        for (position, &seq) in rows.iter().enumerate() {
+            if is_ended(seq) {
+                sequences[seq].finished = true;
+            } else {
+                kept.push(position as u32);
+                kept_sequences.push(seq);
+            }
+        }
+        *rows = kept_sequences;
+        Some(kept)
     }
 
     /// The tokens the last [`Generator::advance`] chose, one per returned sequence that ran
@@ -341,7 +434,7 @@ impl Generator {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{BeamParams, SamplingParams};
+    use crate::{BeamParams, LogitsProcessing, SamplingParams};
 
     fn params(strategy: Strategy, n: usize) -> GenerationParams {
         GenerationParams {
@@ -350,6 +443,8 @@ mod tests {
             num_return_sequences: n,
             eos_token_id: Some(0),
             seed: Some(3),
+            processing: LogitsProcessing::default(),
+            top_logprobs: 0,
         }
     }
 
@@ -418,6 +513,91 @@ mod tests {
         for (output, reason) in outputs.iter().zip(&reasons) {
             assert_eq!(*reason, Some(FinishReason::of(output, Some(0))));
         }
+    }
+
+    #[test]
+    fn processors_change_the_choice_but_logprobs_stay_the_model_s() {
+        let logits = [0.0, 2.0, 1.9, 1.0];
+        let mut p = params(Strategy::Greedy, 1);
+        p.eos_token_id = None;
+        p.max_length = 3;
+        p.top_logprobs = 2;
+        let (_, plain) = run(Generator::new(&[1], p.clone(), 4).unwrap(), &logits);
+        assert_eq!(plain, vec![vec![1, 1]]);
+        // The prompt's token 1 is penalised: 2.0 / 1.1 < 1.9.
+        p.processing.repetition_penalty = 1.1;
+        let (steps, penalised) = run(Generator::new(&[1], p.clone(), 4).unwrap(), &logits);
+        assert_eq!(penalised, vec![vec![2, 1]]);
+        let first = &steps[0][0];
+        assert_eq!(first.logprob, token_logprob(&logits, 2));
+        assert_eq!(
+            first.top_logprobs,
+            vec![
+                (1, token_logprob(&logits, 1)),
+                (2, token_logprob(&logits, 2))
+            ]
+        );
+        // A frequency penalty on generated tokens only: the prompt's 1 is free, then 1 repeats
+        // less and less.
+        p.processing = LogitsProcessing {
+            frequency_penalty: 0.15,
+            ..LogitsProcessing::default()
+        };
+        p.max_length = 4;
+        let (_, frequency) = run(Generator::new(&[1], p, 4).unwrap(), &logits);
+        assert_eq!(frequency, vec![vec![1, 2, 1]]);
+    }
+
+    #[test]
+    fn ended_sequences_leave_the_batch_and_keep_what_they_generated() {
+        let sampling = SamplingParams::default();
+        let mut p = params(Strategy::Sample(sampling), 3);
+        p.eos_token_id = None;
+        p.max_length = 6;
+        let mut generator = Generator::new(&[5], p, 3).unwrap();
+        let logits = [0.0, 1.0, 0.5];
+        let step = generator.advance(&logits).unwrap().unwrap();
+        assert_eq!(step.tokens.len(), 3);
+        assert_eq!(generator.end_sequences(&[1]), Some(vec![0, 2]));
+        assert_eq!(
+            generator.end_sequences(&[1]),
+            None,
+            "already out of the batch"
+        );
+        let step = generator.advance(&logits.repeat(2)).unwrap().unwrap();
+        assert_eq!(step.parent_rows, vec![0, 1]);
+        let indices: Vec<usize> = generator.emitted().iter().map(|e| e.index).collect();
+        assert_eq!(indices, [0, 2]);
+        assert_eq!(generator.end_sequences(&[0, 2]), Some(vec![]));
+        let outputs = generator.into_outputs();
+        assert_eq!(outputs.iter().map(Vec::len).collect::<Vec<_>>(), [2, 1, 2]);
+    }
+
+    #[test]
+    fn greedy_copies_run_until_every_copy_is_ended() {
+        let mut p = params(Strategy::Greedy, 2);
+        p.eos_token_id = None;
+        let mut generator = Generator::new(&[5], p, 3).unwrap();
+        generator.advance(&[0.0, 1.0, 0.5]).unwrap().unwrap();
+        assert_eq!(
+            generator.end_sequences(&[0]),
+            None,
+            "copy 1 still needs the row"
+        );
+        generator.advance(&[0.0, 1.0, 0.5]).unwrap().unwrap();
+        let indices: Vec<usize> = generator.emitted().iter().map(|e| e.index).collect();
+        assert_eq!(indices, [1]);
+        assert_eq!(generator.end_sequences(&[1]), Some(vec![]));
+    }
+
+    #[test]
+    fn invalid_processing_is_refused() {
+        let mut p = params(Strategy::Greedy, 1);
+        p.processing.repetition_penalty = -1.0;
+        assert!(matches!(
+            Generator::new(&[1], p, 4),
+            Err(GenerationError::InvalidParams(_))
+        ));
     }
 
     #[test]

@@ -23,13 +23,15 @@ mod generator;
 mod logprob;
 mod ngram;
 mod params;
+mod processors;
 mod sampling;
 
 pub use beam::BeamSearch;
 pub use generator::{sequence_rng, Emitted, FinishReason, Generator, Step};
-pub use logprob::token_logprob;
+pub use logprob::{token_logprob, top_logprobs};
 pub use ngram::{ban_repeated_ngrams, banned_ngram_tokens};
 pub use params::{BeamParams, GenerationParams, SamplingParams, Strategy};
+pub use processors::LogitsProcessing;
 pub use sampling::{argmax, Candidates};
 /// The random-number crates of the public API: [`sequence_rng`] returns a
 /// [`rand_chacha::ChaCha20Rng`], and [`Candidates::draw`] takes any [`rand::Rng`].

@@ -75,7 +75,32 @@ fn token_logprob_with(isa: Isa, logits: &[f32], token: u32) -> f32 {
     let Some(&logit) = logits.get(token as usize) else {
         return f32::NEG_INFINITY;
     };
-    let normaliser = match isa {
+    match log_normaliser_f32(isa, logits) {
+        Some((max, log_sum)) if !logit.is_nan() => logit - max - log_sum,
+        _ => f32::NEG_INFINITY,
+    }
+}
+
+/// The `n` most likely tokens under the model's distribution with their log-probabilities
+/// (computed as [`token_logprob`] computes them), most likely first; ties go to the lower id.
+/// Empty when no logit is finite.
+pub fn top_logprobs(logits: &[f32], n: usize) -> Vec<(u32, f32)> {
+    if n == 0 {
+        return Vec::new();
+    }
+    let Some((max, log_sum)) = log_normaliser_f32(Isa::active(), logits) else {
+        return Vec::new();
+    };
+    crate::beam::top_indices(logits, n)
+        .into_iter()
+        .filter(|&i| logits[i] != f32::NEG_INFINITY && !logits[i].is_nan())
+        .map(|i| (i as u32, logits[i] - max - log_sum))
+        .collect()
+}
+
+/// `(max, ln Σ e^(l − max))` in f32 lanes, with the body compiled for `isa`.
+fn log_normaliser_f32(isa: Isa, logits: &[f32]) -> Option<(f32, f32)> {
+    match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if isa.is_supported() => unsafe { log_normaliser_f32_avx512(logits) },
@@ -83,10 +108,6 @@ fn token_logprob_with(isa: Isa, logits: &[f32], token: u32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.is_supported() => unsafe { log_normaliser_f32_avx2(logits) },
         _ => log_normaliser_f32_body(logits),
-    };
-    match normaliser {
-        Some((max, log_sum)) if !logit.is_nan() => logit - max - log_sum,
-        _ => f32::NEG_INFINITY,
     }
 }
 
@@ -213,6 +234,23 @@ mod tests {
                 assert!(close || got == want, "{isa} [{token}]: {got} vs {want}");
             }
         }
+    }
+
+    #[test]
+    fn top_logprobs_are_the_most_likely_tokens_with_token_logprob_values() {
+        let logits = [1.0, 3.0, f32::NEG_INFINITY, 3.0, 2.0];
+        let top = top_logprobs(&logits, 3);
+        assert_eq!(
+            top.iter().map(|t| t.0).collect::<Vec<_>>(),
+            [1, 3, 4],
+            "ties go to the lower id"
+        );
+        for (token, logprob) in &top {
+            assert_eq!(*logprob, token_logprob(&logits, *token));
+        }
+        assert_eq!(top_logprobs(&logits, 9).len(), 4, "−∞ is never listed");
+        assert!(top_logprobs(&logits, 0).is_empty());
+        assert!(top_logprobs(&[f32::NEG_INFINITY; 3], 2).is_empty());
     }
 
     #[test]

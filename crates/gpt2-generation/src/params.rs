@@ -1,3 +1,5 @@
+use crate::LogitsProcessing;
+
 /// The knobs of the sampling warpers, applied in HF's order: temperature → top-k → top-p.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
@@ -55,4 +57,9 @@ pub struct GenerationParams {
     pub eos_token_id: Option<u32>,
     /// Seed of the sampling streams; `None` draws fresh entropy.
     pub seed: Option<u64>,
+    /// Logits processors applied before the strategy chooses (all off by default).
+    pub processing: LogitsProcessing,
+    /// How many of the most likely alternatives each [`crate::Emitted`] token reports with its
+    /// log-probability (0: none).
+    pub top_logprobs: usize,
 }

@@ -246,6 +246,8 @@ fn case_with(
                     num_return_sequences: n,
                     eos_token_id: model.eos,
                     seed: Some(seed),
+                    processing: Default::default(),
+                    top_logprobs: 0,
                 };
                 Case {
                     params,
@@ -496,6 +498,8 @@ fn beam_search_first_step_continues_row_zero_even_when_few_tokens_are_allowed() 
         num_return_sequences: 1,
         eos_token_id,
         seed: None,
+        processing: Default::default(),
+        top_logprobs: 0,
     };
     // 5 of 8 tokens banned by the prompt's unigrams: 3 left for 4 beams.
     let mut banned = Generator::new(&[0, 1, 2, 3, 4], beams(1, None), 8).unwrap();

@@ -18,7 +18,7 @@
 //! assert_eq!(err.field(), Some("top_p"));
 //! ```
 
-use gpt2_generation::{BeamParams, GenerationParams, SamplingParams, Strategy};
+use gpt2_generation::{BeamParams, GenerationParams, LogitsProcessing, SamplingParams, Strategy};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -88,8 +88,11 @@ pub struct GenerationRequest {
     /// The prompt (non-empty).
     input: String,
     /// Total length in tokens, prompt included (default 100).
+    // Left out of the serialization at its default, so that a request with `max_new_tokens`
+    // (which excludes `max_length`) serializes to a body that validates.
+    #[serde(skip_serializing_if = "is_default_max_length")]
     max_length: usize,
-    /// Tokens to generate after the prompt; overrides `max_length` when given.
+    /// Tokens to generate after the prompt, instead of `max_length`.
     max_new_tokens: Option<usize>,
     /// How tokens are chosen (default `sample-top-p`).
     mode: Mode,
@@ -109,7 +112,56 @@ pub struct GenerationRequest {
     seed: Option<u64>,
     /// Whether the caller asked for the answer as a stream of events (`"stream": true`).
     stream: bool,
+    /// The prompt as token ids instead of `input` (set by [`GenerationRequestBuilder::input_ids`]
+    /// only: the JSON body's `input` is text, so it is not serialized either).
+    #[serde(skip)]
+    input_ids: Option<Vec<u32>>,
+    /// Strings that end a sequence; the text ends before the first one found (default none).
+    stop: Vec<String>,
+    /// HF's repetition penalty, 1.0 is off (default).
+    repetition_penalty: f32,
+    /// OpenAI's presence penalty, in [-2, 2]; 0 is off (default).
+    presence_penalty: f32,
+    /// OpenAI's frequency penalty, in [-2, 2]; 0 is off (default).
+    frequency_penalty: f32,
+    /// `(token id, bias)` added to the logits, bias in [-100, 100] (default none); serialized as
+    /// the JSON body's object of id strings to biases.
+    #[serde(serialize_with = "serialize_logit_bias")]
+    logit_bias: Vec<(u32, f32)>,
+    /// The end-of-text token cannot end a sequence before this many new tokens (default 0).
+    min_new_tokens: usize,
+    /// Generation does not stop at the end-of-text token (default false).
+    ignore_eos: bool,
+    /// The most likely alternatives reported with each generated token, 0 to 20 (default 0).
+    top_logprobs: usize,
+    /// Whether the prompt's tokens get their log-probabilities too (default false).
+    prompt_logprobs: bool,
+    /// Whether each answer string starts with the prompt (default true, as the contract says).
+    return_full_text: bool,
+    /// Whether the answer is objects with the finish reason and tokens instead of strings
+    /// (default false).
+    details: bool,
 }
+
+fn is_default_max_length(max_length: &usize) -> bool {
+    *max_length == GenerationRequest::defaults().max_length
+}
+
+fn serialize_logit_bias<S: serde::Serializer>(
+    biases: &[(u32, f32)],
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(biases.iter().map(|(token, bias)| (token.to_string(), bias)))
+}
+
+/// Most stop strings one request may give.
+pub const MAX_STOP_STRINGS: usize = 16;
+/// Longest stop string, in bytes.
+pub const MAX_STOP_BYTES: usize = 1024;
+/// Most `logit_bias` entries one request may give (OpenAI's limit).
+pub const MAX_LOGIT_BIAS: usize = 300;
+/// Most alternatives `top_logprobs` may ask for per token.
+pub const MAX_TOP_LOGPROBS: usize = 20;
 
 impl GenerationRequest {
     /// The contract's defaults, with an empty input (not a valid request by itself).
@@ -127,6 +179,18 @@ impl GenerationRequest {
             num_return_sequences: 3,
             seed: None,
             stream: false,
+            input_ids: None,
+            stop: Vec::new(),
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
+            min_new_tokens: 0,
+            ignore_eos: false,
+            top_logprobs: 0,
+            prompt_logprobs: false,
+            return_full_text: true,
+            details: false,
         }
     }
 }
@@ -335,7 +399,7 @@ impl GenerationRequest {
         self.max_length
     }
 
-    /// Tokens to generate after the prompt; overrides `max_length` when given.
+    /// Tokens to generate after the prompt, instead of `max_length` (giving both is refused).
     pub fn max_new_tokens(&self) -> Option<usize> {
         self.max_new_tokens
     }
@@ -385,6 +449,67 @@ impl GenerationRequest {
         self.stream
     }
 
+    /// The prompt as token ids, when it was given that way (then [`GenerationRequest::input`]
+    /// is empty).
+    pub fn input_ids(&self) -> Option<&[u32]> {
+        self.input_ids.as_deref()
+    }
+
+    /// Strings that end a sequence; its text ends before the first one found (default none).
+    pub fn stop(&self) -> &[String] {
+        &self.stop
+    }
+
+    /// HF's repetition penalty; 1.0 (default) is off.
+    pub fn repetition_penalty(&self) -> f32 {
+        self.repetition_penalty
+    }
+
+    /// OpenAI's presence penalty; 0 (default) is off.
+    pub fn presence_penalty(&self) -> f32 {
+        self.presence_penalty
+    }
+
+    /// OpenAI's frequency penalty; 0 (default) is off.
+    pub fn frequency_penalty(&self) -> f32 {
+        self.frequency_penalty
+    }
+
+    /// `(token id, bias)` pairs added to the logits (default none).
+    pub fn logit_bias(&self) -> &[(u32, f32)] {
+        &self.logit_bias
+    }
+
+    /// New tokens before the end-of-text token may end a sequence (default 0).
+    pub fn min_new_tokens(&self) -> usize {
+        self.min_new_tokens
+    }
+
+    /// Whether generation ignores the end-of-text token (default false).
+    pub fn ignore_eos(&self) -> bool {
+        self.ignore_eos
+    }
+
+    /// Alternatives reported with each generated token (default 0).
+    pub fn top_logprobs(&self) -> usize {
+        self.top_logprobs
+    }
+
+    /// Whether the prompt's tokens get log-probabilities (default false).
+    pub fn prompt_logprobs(&self) -> bool {
+        self.prompt_logprobs
+    }
+
+    /// Whether each answer string starts with the prompt (default true).
+    pub fn return_full_text(&self) -> bool {
+        self.return_full_text
+    }
+
+    /// Whether the answer is detailed objects instead of strings (default false).
+    pub fn details(&self) -> bool {
+        self.details
+    }
+
     /// Starts a request for `input` with every other field at the contract's default; the
     /// builder's [`GenerationRequestBuilder::build`] validates exactly as the JSON path does.
     pub fn builder(input: impl Into<String>) -> GenerationRequestBuilder {
@@ -393,10 +518,25 @@ impl GenerationRequest {
 
     /// Validates a parsed JSON object. Unknown fields are ignored; `null` means "use the default".
     pub fn from_object(object: &Map<String, Value>, limits: &Limits) -> Result<Self, RequestError> {
+        Self::from_object_with_ids(object, limits, None)
+    }
+
+    fn from_object_with_ids(
+        object: &Map<String, Value>,
+        limits: &Limits,
+        input_ids: Option<Vec<u32>>,
+    ) -> Result<Self, RequestError> {
         let mut request = Self::defaults();
         let present = |name: &str| object.get(name).filter(|v| !v.is_null());
 
         request.input = match object.get("input") {
+            _ if input_ids.is_some() => {
+                if input_ids.as_ref().is_some_and(Vec::is_empty) {
+                    return Err(RequestError::invalid("input", "must not be empty"));
+                }
+                request.input_ids = input_ids;
+                String::new()
+            }
             None | Some(Value::Null) => return Err(RequestError::invalid("input", "is required")),
             Some(Value::String(s)) if s.is_empty() => {
                 return Err(RequestError::invalid("input", "must not be empty"))
@@ -431,6 +571,12 @@ impl GenerationRequest {
                 1,
                 i128::from(u32::MAX),
             )?);
+            if present("max_length").is_some() {
+                return Err(RequestError::invalid(
+                    "max_new_tokens",
+                    "cannot be given with max_length: give the total length (max_length) or the new tokens (max_new_tokens)",
+                ));
+            }
         }
         if let Some(v) = present("top_p") {
             let p = number("top_p", v)?;
@@ -490,6 +636,7 @@ impl GenerationRequest {
                 RequestError::invalid("stream", format!("must be a boolean, got {}", describe(v)))
             })?;
         }
+        request.read_controls(&present)?;
         if let Some(v) = present("seed") {
             let seed = integer("seed", v)?;
             request.seed = match seed {
@@ -506,6 +653,142 @@ impl GenerationRequest {
             };
         }
         Ok(request)
+    }
+
+    /// Reads the controls beyond the contract's fields (all off when absent).
+    fn read_controls<'v>(
+        &mut self,
+        present: &impl Fn(&str) -> Option<&'v Value>,
+    ) -> Result<(), RequestError> {
+        let boolean = |field: &'static str, v: &Value| {
+            v.as_bool().ok_or_else(|| {
+                RequestError::invalid(field, format!("must be a boolean, got {}", describe(v)))
+            })
+        };
+        let ranged = |field: &'static str, v: &Value, min: f64, max: f64| {
+            let x = number(field, v)?;
+            if !(min..=max).contains(&x) {
+                return Err(RequestError::invalid(
+                    field,
+                    format!("must be in [{min}, {max}], got {x}"),
+                ));
+            }
+            Ok(x as f32)
+        };
+        if let Some(v) = present("stop") {
+            self.stop = match v {
+                Value::String(s) => vec![s.clone()],
+                Value::Array(items) => items
+                    .iter()
+                    .map(|item| {
+                        item.as_str().map(str::to_string).ok_or_else(|| {
+                            RequestError::invalid(
+                                "stop",
+                                format!("must hold strings only, got {}", describe(item)),
+                            )
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                other => {
+                    return Err(RequestError::invalid(
+                        "stop",
+                        format!(
+                            "must be a string or a list of strings, got {}",
+                            describe(other)
+                        ),
+                    ))
+                }
+            };
+            if self.stop.len() > MAX_STOP_STRINGS {
+                return Err(RequestError::invalid(
+                    "stop",
+                    format!(
+                        "may hold at most {MAX_STOP_STRINGS} strings, got {}",
+                        self.stop.len()
+                    ),
+                ));
+            }
+            if let Some(bad) = self
+                .stop
+                .iter()
+                .find(|s| s.is_empty() || s.len() > MAX_STOP_BYTES)
+            {
+                return Err(RequestError::invalid(
+                    "stop",
+                    format!(
+                        "strings must be 1 to {MAX_STOP_BYTES} bytes long, got one of {}",
+                        bad.len()
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = present("repetition_penalty") {
+            let p = number("repetition_penalty", v)?;
+            if !(p > 0.0 && (p as f32).is_finite() && (p as f32) > 0.0) {
+                return Err(RequestError::invalid(
+                    "repetition_penalty",
+                    format!("must be a positive number, got {p}"),
+                ));
+            }
+            self.repetition_penalty = p as f32;
+        }
+        if let Some(v) = present("presence_penalty") {
+            self.presence_penalty = ranged("presence_penalty", v, -2.0, 2.0)?;
+        }
+        if let Some(v) = present("frequency_penalty") {
+            self.frequency_penalty = ranged("frequency_penalty", v, -2.0, 2.0)?;
+        }
+        if let Some(v) = present("logit_bias") {
+            let Value::Object(entries) = v else {
+                return Err(RequestError::invalid(
+                    "logit_bias",
+                    format!(
+                        "must be an object mapping token ids to biases, got {}",
+                        describe(v)
+                    ),
+                ));
+            };
+            if entries.len() > MAX_LOGIT_BIAS {
+                return Err(RequestError::invalid(
+                    "logit_bias",
+                    format!(
+                        "may hold at most {MAX_LOGIT_BIAS} entries, got {}",
+                        entries.len()
+                    ),
+                ));
+            }
+            self.logit_bias = entries
+                .iter()
+                .map(|(key, bias)| {
+                    let token = key.parse::<u32>().map_err(|_| {
+                        RequestError::invalid(
+                            "logit_bias",
+                            format!("keys must be token ids (integers as strings), got {key:?}"),
+                        )
+                    })?;
+                    Ok((token, ranged("logit_bias", bias, -100.0, 100.0)?))
+                })
+                .collect::<Result<_, RequestError>>()?;
+        }
+        if let Some(v) = present("min_new_tokens") {
+            self.min_new_tokens = bounded_integer("min_new_tokens", v, 0, i128::from(u32::MAX))?;
+        }
+        if let Some(v) = present("ignore_eos") {
+            self.ignore_eos = boolean("ignore_eos", v)?;
+        }
+        if let Some(v) = present("top_logprobs") {
+            self.top_logprobs = bounded_integer("top_logprobs", v, 0, MAX_TOP_LOGPROBS as i128)?;
+        }
+        if let Some(v) = present("prompt_logprobs") {
+            self.prompt_logprobs = boolean("prompt_logprobs", v)?;
+        }
+        if let Some(v) = present("return_full_text") {
+            self.return_full_text = boolean("return_full_text", v)?;
+        }
+        if let Some(v) = present("details") {
+            self.details = boolean("details", v)?;
+        }
+        Ok(())
     }
 
     /// The generation parameters for a prompt of `prompt_len` tokens on a model with
@@ -562,8 +845,16 @@ impl GenerationRequest {
             strategy,
             max_length,
             num_return_sequences: self.num_return_sequences,
-            eos_token_id,
+            eos_token_id: if self.ignore_eos { None } else { eos_token_id },
             seed: self.seed,
+            processing: LogitsProcessing {
+                repetition_penalty: self.repetition_penalty,
+                presence_penalty: self.presence_penalty,
+                frequency_penalty: self.frequency_penalty,
+                logit_bias: self.logit_bias.clone(),
+                min_new_tokens: self.min_new_tokens,
+            },
+            top_logprobs: self.top_logprobs,
         })
     }
 }
@@ -585,6 +876,7 @@ impl GenerationRequest {
 #[derive(Debug, Clone)]
 pub struct GenerationRequestBuilder {
     fields: Map<String, Value>,
+    input_ids: Option<Vec<u32>>,
 }
 
 macro_rules! builder_setters {
@@ -603,7 +895,10 @@ impl GenerationRequestBuilder {
     fn new(input: String) -> Self {
         let mut fields = Map::new();
         fields.insert("input".into(), Value::String(input));
-        Self { fields }
+        Self {
+            fields,
+            input_ids: None,
+        }
     }
 
     builder_setters! {
@@ -628,6 +923,44 @@ impl GenerationRequestBuilder {
         /// Marks the request as streamed (default false); informational for library callers,
         /// who choose between `generate` and `stream` themselves.
         stream: bool,
+        /// Strings that end a sequence (default none); its text ends before the first found.
+        stop: Vec<String>,
+        /// HF's repetition penalty (default 1.0, off).
+        repetition_penalty: f32,
+        /// OpenAI's presence penalty in [-2, 2] (default 0, off).
+        presence_penalty: f32,
+        /// OpenAI's frequency penalty in [-2, 2] (default 0, off).
+        frequency_penalty: f32,
+        /// New tokens before the end-of-text token may end a sequence (default 0).
+        min_new_tokens: usize,
+        /// Keeps generating past the end-of-text token (default false).
+        ignore_eos: bool,
+        /// Alternatives reported with each generated token, 0 to 20 (default 0).
+        top_logprobs: usize,
+        /// Log-probabilities of the prompt's tokens too (default false).
+        prompt_logprobs: bool,
+        /// Whether each answer string starts with the prompt (default true).
+        return_full_text: bool,
+        /// Detailed answers instead of strings (default false).
+        details: bool,
+    }
+
+    /// Adds `bias` to the logit of each token (default none), as OpenAI's `logit_bias`.
+    pub fn logit_bias(mut self, biases: impl IntoIterator<Item = (u32, f32)>) -> Self {
+        let object: Map<String, Value> = biases
+            .into_iter()
+            .map(|(token, bias)| (token.to_string(), serde_json::json!(bias)))
+            .collect();
+        self.fields
+            .insert("logit_bias".into(), Value::Object(object));
+        self
+    }
+
+    /// Gives the prompt as token ids instead of text (the builder's `input` is then ignored);
+    /// at least one id, each checked against the model's vocabulary when the request runs.
+    pub fn input_ids(mut self, ids: Vec<u32>) -> Self {
+        self.input_ids = Some(ids);
+        self
     }
 
     /// How tokens are chosen (default [`Mode::SampleTopP`]).
@@ -644,7 +977,7 @@ impl GenerationRequestBuilder {
 
     /// Validates against `limits`.
     pub fn build_with(self, limits: &Limits) -> Result<GenerationRequest, RequestError> {
-        GenerationRequest::from_object(&self.fields, limits)
+        GenerationRequest::from_object_with_ids(&self.fields, limits, self.input_ids)
     }
 }
 

@@ -38,7 +38,7 @@ fn defaults_are_the_contracts() {
 #[test]
 fn every_field_is_read_and_unknown_fields_are_ignored() {
     let request = parse(
-        r#"{"input":"x","max_length":20,"max_new_tokens":7,"mode":"beam","top_p":0.5,"top_k":0,
+        r#"{"input":"x","max_new_tokens":7,"mode":"beam","top_p":0.5,"top_k":0,
             "temperature":1.5,"num_beams":4,"no_repeat_ngram_size":3,"num_return_sequences":2,
             "seed":123,"extra":{"anything":[1,2]}}"#,
     )
@@ -180,7 +180,7 @@ fn length_limits_need_the_prompt_and_the_model() {
         Some("max_length")
     );
 
-    let request = parse(r#"{"input":"x","max_length":5,"max_new_tokens":20}"#).unwrap();
+    let request = parse(r#"{"input":"x","max_new_tokens":20}"#).unwrap();
     assert_eq!(request.to_params(10, 1024, None).unwrap().max_length, 30);
     assert_eq!(
         request.to_params(10, 25, None).unwrap_err().field(),
@@ -332,4 +332,119 @@ fn a_top_p_below_the_smallest_float32_is_refused_and_tiny_ones_are_served() {
     assert_eq!(err.field(), Some("top_p"));
     let tiny = parse(r#"{"input": "x", "top_p": 1e-40}"#).unwrap();
     assert!(tiny.top_p() > 0.0);
+}
+
+#[test]
+fn max_length_and_max_new_tokens_together_are_refused() {
+    assert_eq!(
+        field_of(r#"{"input":"x","max_length":20,"max_new_tokens":7}"#),
+        "max_new_tokens"
+    );
+    // null means absent, as for every field.
+    assert!(parse(r#"{"input":"x","max_length":null,"max_new_tokens":7}"#).is_ok());
+}
+
+#[test]
+fn controls_are_off_by_default_and_leave_the_parameters_as_before() {
+    let request = parse(r#"{"input": "x", "mode": "greedy"}"#).unwrap();
+    assert!(request.stop().is_empty());
+    assert!(request.return_full_text() && !request.details() && !request.ignore_eos());
+    let params = request.to_params(1, 1024, Some(50256)).unwrap();
+    assert!(params.processing.is_off());
+    assert_eq!((params.top_logprobs, params.eos_token_id), (0, Some(50256)));
+}
+
+#[test]
+fn controls_are_read_and_reach_the_parameters() {
+    let request = parse(
+        r#"{"input": "x", "stop": ["\n\n", "END"], "repetition_penalty": 1.3,
+            "presence_penalty": -0.5, "frequency_penalty": 2, "logit_bias": {"50256": -100, "7": 2.5},
+            "min_new_tokens": 3, "ignore_eos": true, "top_logprobs": 5, "prompt_logprobs": true,
+            "return_full_text": false, "details": true}"#,
+    )
+    .unwrap();
+    assert_eq!(request.stop(), ["\n\n", "END"]);
+    assert!(request.prompt_logprobs() && !request.return_full_text() && request.details());
+    let params = request.to_params(1, 1024, Some(50256)).unwrap();
+    let mut bias = params.processing.logit_bias.clone();
+    bias.sort_by_key(|b| b.0);
+    assert_eq!(bias, [(7, 2.5), (50256, -100.0)]);
+    assert_eq!(params.processing.repetition_penalty, 1.3);
+    assert_eq!(
+        (
+            params.processing.presence_penalty,
+            params.processing.frequency_penalty
+        ),
+        (-0.5, 2.0)
+    );
+    assert_eq!(params.processing.min_new_tokens, 3);
+    assert_eq!(params.top_logprobs, 5);
+    assert_eq!(params.eos_token_id, None, "ignore_eos drops the stop token");
+    assert_eq!(
+        parse(r#"{"input": "x", "stop": "END"}"#).unwrap().stop(),
+        ["END"]
+    );
+}
+
+#[test]
+fn bad_controls_name_their_field() {
+    for (body, field) in [
+        (r#"{"input":"x","stop":7}"#, "stop"),
+        (r#"{"input":"x","stop":[""]}"#, "stop"),
+        (r#"{"input":"x","stop":["a",1]}"#, "stop"),
+        (
+            r#"{"input":"x","repetition_penalty":0}"#,
+            "repetition_penalty",
+        ),
+        (
+            r#"{"input":"x","repetition_penalty":1e300}"#,
+            "repetition_penalty",
+        ),
+        (
+            r#"{"input":"x","presence_penalty":2.5}"#,
+            "presence_penalty",
+        ),
+        (
+            r#"{"input":"x","frequency_penalty":"1"}"#,
+            "frequency_penalty",
+        ),
+        (r#"{"input":"x","logit_bias":[1]}"#, "logit_bias"),
+        (r#"{"input":"x","logit_bias":{"a":1}}"#, "logit_bias"),
+        (r#"{"input":"x","logit_bias":{"1":101}}"#, "logit_bias"),
+        (r#"{"input":"x","min_new_tokens":-1}"#, "min_new_tokens"),
+        (r#"{"input":"x","ignore_eos":1}"#, "ignore_eos"),
+        (r#"{"input":"x","top_logprobs":21}"#, "top_logprobs"),
+        (
+            r#"{"input":"x","return_full_text":"no"}"#,
+            "return_full_text",
+        ),
+        (
+            r#"{"input":"x","details":null,"prompt_logprobs":0}"#,
+            "prompt_logprobs",
+        ),
+    ] {
+        assert_eq!(field_of(body), field, "{body}");
+    }
+    let many: Vec<String> = (0..=MAX_STOP_STRINGS).map(|i| format!("s{i}")).collect();
+    let body = serde_json::json!({"input": "x", "stop": many}).to_string();
+    assert_eq!(field_of(&body), "stop");
+}
+
+#[test]
+fn the_builder_takes_token_ids_and_every_control() {
+    let request = GenerationRequest::builder("")
+        .input_ids(vec![15496, 11])
+        .stop(vec!["\n".into()])
+        .logit_bias([(3, -1.0)])
+        .details(true)
+        .build()
+        .unwrap();
+    assert_eq!(request.input_ids(), Some(&[15496, 11][..]));
+    assert_eq!(request.input(), "");
+    assert_eq!(request.logit_bias(), [(3, -1.0)]);
+    let err = GenerationRequest::builder("x")
+        .input_ids(vec![])
+        .build()
+        .unwrap_err();
+    assert_eq!(err.field(), Some("input"));
 }

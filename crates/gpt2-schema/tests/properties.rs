@@ -159,7 +159,6 @@ fn rebuild(
 ) -> Result<GenerationRequest, RequestError> {
     let mut builder = GenerationRequest::builder(request.input())
         .mode(request.mode())
-        .max_length(request.max_length())
         .top_p(request.top_p())
         .top_k(request.top_k())
         .temperature(request.temperature())
@@ -167,9 +166,10 @@ fn rebuild(
         .no_repeat_ngram_size(request.no_repeat_ngram_size())
         .num_return_sequences(request.num_return_sequences())
         .stream(request.stream());
-    if let Some(new) = request.max_new_tokens() {
-        builder = builder.max_new_tokens(new);
-    }
+    builder = match request.max_new_tokens() {
+        Some(new) => builder.max_new_tokens(new),
+        None => builder.max_length(request.max_length()),
+    };
     if let Some(seed) = request.seed() {
         builder = builder.seed(seed);
     }

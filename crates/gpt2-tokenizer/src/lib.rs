@@ -206,9 +206,34 @@ impl Gpt2Tokenizer {
             .map_err(|e| TokenizerError::Backend(e.to_string()))
     }
 
+    /// The text of one token on its own, for listings such as log-probability alternatives:
+    /// a special token as its literal (`<|endoftext|>`), a token that holds part of a UTF-8
+    /// character with U+FFFD in place of the incomplete bytes.
+    pub fn token_text(&self, id: u32) -> Result<String, TokenizerError> {
+        if self.is_special(id) {
+            if let Some(token) = self.inner.id_to_token(id) {
+                return Ok(token);
+            }
+        }
+        self.decode(&[id])
+    }
+
     /// A decoder that turns ids into text one id at a time, for streaming.
     pub fn incremental_decoder(&self) -> IncrementalDecoder<'_> {
         IncrementalDecoder::new(self)
+    }
+}
+
+#[cfg(test)]
+mod token_text_tests {
+    use super::*;
+
+    #[test]
+    fn token_text_shows_special_tokens_and_decodes_the_others() {
+        let tokenizer = Gpt2Tokenizer::embedded().unwrap();
+        assert_eq!(tokenizer.token_text(50256).unwrap(), "<|endoftext|>");
+        assert_eq!(tokenizer.token_text(995).unwrap(), " world");
+        assert_eq!(tokenizer.token_text(33768).unwrap(), "\u{FFFD}");
     }
 }
 
