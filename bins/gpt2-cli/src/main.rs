@@ -26,23 +26,28 @@ struct Cli {
 enum Command {
     /// Print the token ids of TEXT as a JSON array.
     Tokenize {
-        /// Model directory whose tokenizer to use (default: the embedded GPT-2 tokenizer).
-        #[arg(long)]
+        /// Model directory or Hugging Face repository id (org/name) whose tokenizer to use
+        /// (default: the embedded GPT-2 tokenizer).
+        #[arg(long, value_name = "DIR|ORG/NAME")]
         model: Option<PathBuf>,
+        /// Branch, tag or commit of a repository id --model.
+        #[arg(long, default_value = "main")]
+        revision: String,
         /// The text to tokenize.
         text: String,
     },
     /// Generate text: the request's fields come from --request (the HTTP body) and/or flags.
     Generate(GenerateArgs),
-    /// Download a checkpoint from the Hugging Face Hub (HF_ENDPOINT, HF_TOKEN honoured) into a
-    /// model directory.
+    /// Download a checkpoint from the Hugging Face Hub into the Hugging Face cache (HF_HOME,
+    /// HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE honoured) and print its files; with
+    /// --to, also copy them into a model directory.
     Download {
         /// Repository, e.g. openai-community/gpt2, openai-community/gpt2-xl, distilbert/distilgpt2.
         #[arg(default_value = "openai-community/gpt2")]
         repo: String,
-        /// Destination directory.
+        /// Also copy the files into this directory.
         #[arg(long)]
-        to: PathBuf,
+        to: Option<PathBuf>,
         /// Branch, tag or commit.
         #[arg(long, default_value = "main")]
         revision: String,
@@ -57,9 +62,8 @@ enum Command {
 
 #[derive(Args)]
 struct BenchArgs {
-    /// Model directory (default: /opt/ml/model when it exists, else the demo model).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A file holding the JSON request body, or - for standard input.
     #[arg(long)]
     request: String,
@@ -71,6 +75,47 @@ struct BenchArgs {
     warmup: u64,
     #[command(flatten)]
     storage: StorageArgs,
+}
+
+/// Which model to load.
+#[derive(Args)]
+struct ModelArgs {
+    /// Model directory, or Hugging Face repository id (org/name) fetched through the Hugging Face
+    /// cache (default: /opt/ml/model when it exists, else the demo model). An existing directory
+    /// wins and never touches the network.
+    #[arg(long, value_name = "DIR|ORG/NAME")]
+    model: Option<PathBuf>,
+    /// Branch, tag or commit of a repository id --model.
+    #[arg(long, default_value = "main")]
+    revision: String,
+}
+
+impl ModelArgs {
+    /// What --model names, checked without touching the network (a usage error otherwise).
+    fn spec(&self) -> Result<Option<gpt2_hub::ModelSpec>, Failure> {
+        self.model
+            .as_deref()
+            .map(gpt2_hub::ModelSpec::parse)
+            .transpose()
+            .map_err(hub_failure)
+    }
+
+    /// The model directory of a spec: the directory, or the repository's snapshot in the cache.
+    fn resolve(&self, spec: Option<&gpt2_hub::ModelSpec>) -> Result<Option<PathBuf>, Failure> {
+        let Some(spec) = spec else { return Ok(None) };
+        let mut options = gpt2_hub::HubOptions::from_env();
+        options.revision = self.revision.clone();
+        spec.resolve(&options).map(Some).map_err(hub_failure)
+    }
+}
+
+/// A hub error: a usage error for a bad --model value, else a runtime error.
+fn hub_failure(error: gpt2_hub::HubError) -> Failure {
+    if error.is_usage() {
+        Failure::usage(error.to_string())
+    } else {
+        Failure::runtime(error.to_string())
+    }
 }
 
 /// How the model stores its weights and caches.
@@ -95,9 +140,8 @@ fn parse_kv_format(value: &str) -> Result<KvFormat, String> {
 #[derive(Args)]
 #[command(allow_negative_numbers = true)]
 struct GenerateArgs {
-    /// Model directory (default: /opt/ml/model when it exists, else the demo model).
-    #[arg(long)]
-    model: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
     /// A file holding the JSON request body, or - for standard input; prints the JSON response.
     #[arg(long)]
     request: Option<String>,
@@ -184,7 +228,11 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Command::Tokenize { model, text } => tokenize(model, &text),
+        Command::Tokenize {
+            model,
+            revision,
+            text,
+        } => tokenize(ModelArgs { model, revision }, &text),
         Command::Generate(args) => generate(args),
         Command::Bench(args) => time_request(args),
         Command::Download {
@@ -192,7 +240,7 @@ fn main() -> ExitCode {
             to,
             revision,
             endpoint,
-        } => download(&repo, &to, revision, endpoint),
+        } => download(&repo, to.as_deref(), revision, endpoint),
     };
     match result {
         Ok(output) => {
@@ -211,19 +259,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// `gpt2 download`: fills the Hugging Face cache (what `--model org/name` then reads), prints the
+/// files, in the snapshot or in `--to`.
 fn download(
     repo: &str,
-    to: &std::path::Path,
+    to: Option<&std::path::Path>,
     revision: String,
     endpoint: Option<String>,
 ) -> Result<String, Failure> {
+    if !gpt2_hub::is_repo_id(repo) {
+        return Err(Failure::usage(format!(
+            "{repo:?} is not a Hugging Face repository id (org/name, e.g. openai-community/gpt2)"
+        )));
+    }
     let mut options = gpt2_hub::HubOptions::from_env();
     options.revision = revision;
     if let Some(endpoint) = endpoint {
         options.endpoint = endpoint;
     }
-    let files = gpt2_hub::download_model(repo, to, &options)
-        .map_err(|e| Failure::runtime(e.to_string()))?;
+    let snapshot = gpt2_hub::fetch_model(repo, &options).map_err(hub_failure)?;
+    let files = match to {
+        Some(dest) => gpt2_hub::copy_snapshot(&snapshot, dest).map_err(hub_failure)?,
+        None => snapshot
+            .files
+            .iter()
+            .map(|file| snapshot.dir.join(file))
+            .collect(),
+    };
     let mut out = String::new();
     for file in files {
         out.push_str(&format!("{}\n", file.display()));
@@ -231,12 +293,10 @@ fn download(
     Ok(out)
 }
 
-fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
-    let tokenizer = match &model {
-        Some(dir) => {
-            check_model_dir(dir)?;
-            Gpt2Tokenizer::from_model_dir(dir)
-        }
+fn tokenize(model: ModelArgs, text: &str) -> Result<String, Failure> {
+    let spec = model.spec()?;
+    let tokenizer = match model.resolve(spec.as_ref())? {
+        Some(dir) => Gpt2Tokenizer::from_model_dir(dir),
         None => Gpt2Tokenizer::embedded(),
     }
     .map_err(|e| Failure::runtime(e.to_string()))?;
@@ -244,24 +304,6 @@ fn tokenize(model: Option<PathBuf>, text: &str) -> Result<String, Failure> {
         .encode(text)
         .map_err(|e| Failure::runtime(e.to_string()))?;
     Ok(format!("{}\n", Value::from(ids)))
-}
-
-/// `--model DIR` must be a directory; a missing one most likely still has to be downloaded.
-fn check_model_dir(dir: &std::path::Path) -> Result<(), Failure> {
-    if !dir.exists() {
-        return Err(Failure::usage(format!(
-            "model directory {0} does not exist; download a checkpoint with: \
-             gpt2 download openai-community/gpt2 --to {0}",
-            dir.display()
-        )));
-    }
-    if !dir.is_dir() {
-        return Err(Failure::usage(format!(
-            "--model {}: not a directory",
-            dir.display()
-        )));
-    }
-    Ok(())
 }
 
 /// Reads a JSON object from a file, or from standard input for `-`.
@@ -313,22 +355,22 @@ fn request_object(args: &GenerateArgs) -> Result<Map<String, Value>, Failure> {
     Ok(object)
 }
 
-/// Validates the request (which needs no model, so a bad one fails fast), then loads the model.
+/// Checks --model and validates the request (neither needs the network or the model, so a bad
+/// one fails fast), then fetches the model when it is a repository id, and loads it.
 fn prepare(
-    model: Option<&std::path::Path>,
+    model: &ModelArgs,
     storage: StorageArgs,
     object: &Map<String, Value>,
 ) -> Result<(Pipeline, GenerationRequest), Failure> {
-    if let Some(dir) = model {
-        check_model_dir(dir)?;
-    }
-    let source = ModelSource::resolve(model);
+    let spec = model.spec()?;
     let limits = gpt2_engine::Limits::default();
     let request = GenerationRequest::from_object(object, &limits)
         .map_err(|e| Failure::usage(e.to_string()))?;
+    let dir = model.resolve(spec.as_ref())?;
+    let source = ModelSource::resolve(dir.as_deref());
     if source == ModelSource::Demo {
         eprintln!(
-            "gpt2: warning: using the DEMO model (random weights: its text is noise, not GPT-2); pass --model <DIR>"
+            "gpt2: warning: using the DEMO model (random weights: its text is noise, not GPT-2); pass --model <DIR|ORG/NAME>"
         );
     }
     Ok((
@@ -341,7 +383,7 @@ fn prepare(
 
 fn time_request(args: BenchArgs) -> Result<String, Failure> {
     let object = read_request_file(&args.request)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), args.storage, &object)?;
+    let (pipeline, request) = prepare(&args.model, args.storage, &object)?;
     for _ in 0..args.warmup {
         pipeline.run(&request, || false)?;
     }
@@ -368,7 +410,7 @@ fn time_request(args: BenchArgs) -> Result<String, Failure> {
 
 fn generate(args: GenerateArgs) -> Result<String, Failure> {
     let object = request_object(&args)?;
-    let (pipeline, request) = prepare(args.model.as_deref(), args.storage, &object)?;
+    let (pipeline, request) = prepare(&args.model, args.storage, &object)?;
     if args.stream {
         return stream(&pipeline, &request);
     }
@@ -405,6 +447,8 @@ fn stream(pipeline: &Pipeline, request: &GenerationRequest) -> Result<String, Fa
         let line = match (event?, plain) {
             (GenerationEvent::Token(token), true) => token.text,
             (GenerationEvent::End(_), true) => "\n".to_string(),
+            // The plain text already starts with the prompt.
+            (GenerationEvent::Prompt(_), true) => continue,
             (event, false) => format!("{}\n", serde_json::to_string(&event).unwrap_or_default()),
         };
         if write(&line).is_err() {

@@ -5,6 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use gpt2_engine::{Limits, Pipeline};
+use hub_server::{fixture, temp_dir, HubRepo, HubServer};
+
+#[path = "../../../crates/gpt2-hub/tests/support/hub_server.rs"]
+mod hub_server;
 
 fn gpt2(args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
@@ -248,7 +252,8 @@ fn a_missing_model_directory_points_to_gpt2_download() {
             stderr(&out),
             format!(
                 "gpt2: error: model directory {missing} does not exist; download a checkpoint \
-                 with: gpt2 download openai-community/gpt2 --to {missing}\n"
+                 with: gpt2 download openai-community/gpt2 --to {missing}, or pass a Hugging \
+                 Face repository id such as --model openai-community/gpt2\n"
             ),
             "{args:?}"
         );
@@ -294,71 +299,40 @@ fn q8_0_weights_and_f16_caches_generate_from_the_same_request() {
     assert!(printed[0].starts_with("a b c") && printed[0].len() > "a b c".len());
 }
 
-/// Serves the files of `dir` under `/{repo}/resolve/main/{file}`, 404 for anything else.
-fn serve_directory(dir: PathBuf) -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { continue };
-            let mut request = Vec::new();
-            let mut buf = [0u8; 1024];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                match std::io::Read::read(&mut stream, &mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => request.extend_from_slice(&buf[..n]),
-                }
-            }
-            let line = String::from_utf8_lossy(&request)
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .to_string();
-            let path = line
-                .split_whitespace()
-                .nth(1)
-                .unwrap_or_default()
-                .to_string();
-            let file = path
-                .strip_prefix("/test/tiny/resolve/main/")
-                .map(|f| dir.join(f));
-            let response = match file.filter(|f| f.is_file()) {
-                Some(file) => {
-                    let body = std::fs::read(file).unwrap();
-                    let mut r = format!(
-                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                        body.len()
-                    )
-                    .into_bytes();
-                    r.extend(body);
-                    r
-                }
-                None => b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    .to_vec(),
-            };
-            let _ = stream.write_all(&response);
-        }
-    });
-    port
+/// A `gpt2` command with a fresh Hugging Face cache and no HF_* variable from the caller.
+fn gpt2_with_hub(args: &[&str], home: &Path, endpoint: &str, offline: bool) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args(args)
+        .env("HF_HOME", home)
+        .env("HF_ENDPOINT", endpoint)
+        .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+        .env_remove("HF_HUB_CACHE")
+        .env_remove("HUGGINGFACE_HUB_CACHE")
+        .env_remove("HF_TOKEN")
+        .env_remove("HUGGING_FACE_HUB_TOKEN")
+        .env_remove("HF_TOKEN_PATH")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
 }
 
 #[test]
-fn download_fetches_sharded_weights_from_a_hub_layout() {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models/tiny-sharded");
-    let port = serve_directory(source);
-    let dest = std::env::temp_dir().join(format!("gpt2-download-{}", std::process::id()));
-    std::fs::remove_dir_all(&dest).ok();
-    let endpoint = format!("http://127.0.0.1:{port}");
-    let out = gpt2(
+fn download_fills_the_hf_cache_and_copies_sharded_weights_to_a_directory() {
+    let hub = HubServer::start(vec![HubRepo::new("test/tiny", fixture("tiny-sharded"))]);
+    let home = temp_dir("cli-download");
+    let dest = home.join("model");
+    let out = gpt2_with_hub(
         &[
             "download",
             "test/tiny",
             "--to",
             dest.to_str().unwrap(),
             "--endpoint",
-            &endpoint,
+            &hub.endpoint,
         ],
-        None,
+        &home,
+        "http://127.0.0.1:9",
+        false,
     );
     assert!(out.status.success(), "{}", stderr(&out));
     let listed = stdout(&out);
@@ -371,7 +345,13 @@ fn download_fetches_sharded_weights_from_a_hub_layout() {
         !dest.join("tokenizer.json").exists(),
         "absent optional files are skipped"
     );
-    // The downloaded directory serves requests.
+    let snapshots = home.join("hub/models--test--tiny/snapshots");
+    assert_eq!(
+        std::fs::read_dir(&snapshots).unwrap().count(),
+        1,
+        "the cache holds the snapshot too"
+    );
+    // The copied directory serves requests.
     let body = r#"{"input": "a b", "mode": "greedy", "max_length": 6, "num_return_sequences": 1}"#;
     let out = gpt2(
         &[
@@ -385,22 +365,83 @@ fn download_fetches_sharded_weights_from_a_hub_layout() {
     );
     assert!(out.status.success(), "{}", stderr(&out));
     // A repository that does not exist is one clear error line and a non-zero exit.
-    let empty = dest.join("elsewhere");
-    let out = gpt2(
-        &[
-            "download",
-            "nobody/nothing",
-            "--to",
-            empty.to_str().unwrap(),
-            "--endpoint",
-            &endpoint,
-        ],
-        None,
+    let out = gpt2_with_hub(&["download", "nobody/nothing"], &home, &hub.endpoint, false);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("repository nobody/nothing (revision main) not found"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(stderr(&out).lines().count(), 1);
+    // Not a repository id: a usage error.
+    let out = gpt2_with_hub(&["download", "../etc"], &home, &hub.endpoint, false);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    std::fs::remove_dir_all(&home).ok();
+}
+
+#[test]
+fn model_by_hub_id_downloads_once_then_works_offline() {
+    let hub = HubServer::start(vec![HubRepo::new("test/tiny", fixture("tiny-safetensors"))]);
+    let home = temp_dir("cli-hub-id");
+    let body = r#"{"input": "a b c", "mode": "greedy", "max_length": 12}"#;
+    let generate = |endpoint: &str, offline: bool| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2"))
+            .args(["generate", "--model", "test/tiny", "--request", "-"])
+            .env("HF_HOME", &home)
+            .env("HF_ENDPOINT", endpoint)
+            .env("HF_HUB_OFFLINE", if offline { "1" } else { "0" })
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_TOKEN")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(body.as_bytes()).unwrap();
+        drop(stdin);
+        child.wait_with_output().unwrap()
+    };
+    let out = generate(&hub.endpoint, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let printed: Vec<String> = serde_json::from_str(&stdout(&out)).unwrap();
+    let pipeline = Pipeline::load(tiny_model()).unwrap();
+    assert_eq!(printed, pipeline.generate_json(body.as_bytes()).unwrap());
+    // `gpt2 download` without --to lists the files of the cached snapshot.
+    let out = gpt2_with_hub(&["download", "test/tiny"], &home, &hub.endpoint, false);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let snapshot = home.join("hub/models--test--tiny/snapshots");
+    assert!(
+        stdout(&out)
+            .lines()
+            .all(|line| Path::new(line).starts_with(&snapshot)),
+        "{}",
+        stdout(&out)
+    );
+    // Offline, from the cache alone, the server gone.
+    let out = generate("http://127.0.0.1:9", true);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        serde_json::from_str::<Vec<String>>(&stdout(&out)).unwrap(),
+        printed
+    );
+    // Offline with an empty cache: one line naming the cache and the missing file.
+    let empty = home.join("empty");
+    let out = gpt2_with_hub(
+        &["tokenize", "--model", "test/tiny", "x"],
+        &empty,
+        "http://127.0.0.1:9",
+        true,
     );
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("config.json"), "{}", stderr(&out));
-    assert_eq!(stderr(&out).lines().count(), 1);
-    std::fs::remove_dir_all(&dest).ok();
+    let message = stderr(&out);
+    assert_eq!(message.lines().count(), 1, "{message}");
+    assert!(
+        message.contains(&empty.join("hub").display().to_string())
+            && message.contains("models--test--tiny/refs/main"),
+        "{message}"
+    );
+    std::fs::remove_dir_all(&home).ok();
 }
 
 #[test]
