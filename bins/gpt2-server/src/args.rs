@@ -7,6 +7,7 @@ use clap::error::{ContextKind, ContextValue, ErrorKind};
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 use gpt2_engine::{EngineConfig, KvFormat, Limits, ModelSource, WeightFormat};
+use gpt2_hub::{HubOptions, ModelSpec};
 
 /// Environment variable SageMaker sets to the port a container must listen on.
 pub const SAGEMAKER_PORT_ENV: &str = "SAGEMAKER_BIND_TO_PORT";
@@ -64,9 +65,25 @@ pub struct ServerArgs {
     /// Accepted for SageMaker, which starts containers with `serve`.
     #[arg(value_parser = ["serve"])]
     pub command: Option<String>,
-    /// Model directory (default: /opt/ml/model when it exists, else the demo model).
-    #[arg(long, env = "GPT2_MODEL_DIR", value_name = "DIR")]
+    /// Model directory, or Hugging Face repository id (org/name) fetched through the Hugging Face
+    /// cache (HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE) [default:
+    /// /opt/ml/model when it exists, else the demo model]. An existing directory wins and never
+    /// touches the network.
+    #[arg(long, env = "GPT2_MODEL_DIR", value_name = "DIR|ORG/NAME")]
     pub model: Option<PathBuf>,
+    /// Branch, tag or commit of a repository id --model.
+    #[arg(
+        long,
+        env = "GPT2_REVISION",
+        value_name = "REV",
+        default_value = "main"
+    )]
+    pub revision: String,
+    /// The model id of the OpenAI-compatible routes (`/v1/models`, the `model` field of
+    /// `/v1/completions`) [default: the last path component of --model, else `gpt2-demo` for the
+    /// demo model].
+    #[arg(long, env = "GPT2_SERVED_MODEL_NAME", value_name = "NAME")]
+    pub served_model_name: Option<String>,
     /// Address to listen on.
     #[arg(
         long,
@@ -312,22 +329,37 @@ impl ServerArgs {
         self.resolved_deadline_secs
     }
 
-    /// The model to load: `--model` (or `$GPT2_MODEL_DIR`), which must be an existing directory,
-    /// else [`ModelSource::resolve`]'s default.
-    pub fn model_source(&self) -> Result<ModelSource, String> {
-        if let Some(dir) = &self.model {
-            if !dir.exists() {
-                return Err(format!(
-                    "model directory {0} does not exist; download a checkpoint with: \
-                     gpt2 download openai-community/gpt2 --to {0}",
-                    dir.display()
-                ));
-            }
-            if !dir.is_dir() {
-                return Err(format!("--model {}: not a directory", dir.display()));
-            }
-        }
-        Ok(ModelSource::resolve(self.model.as_deref()))
+    /// What `--model` (or `$GPT2_MODEL_DIR`) names, checked without touching the network: an
+    /// existing directory, or a repository id; `None` without `--model`.
+    pub fn model_spec(&self) -> Result<Option<ModelSpec>, String> {
+        self.model
+            .as_deref()
+            .map(ModelSpec::parse)
+            .transpose()
+            .map_err(|e| e.to_string())
+    }
+
+    /// Where a repository id `--model` comes from: the environment's Hugging Face settings and
+    /// `--revision`; progress bars only on a terminal with text logs.
+    pub fn hub_options(&self) -> HubOptions {
+        let mut options = HubOptions::from_env();
+        options.revision = self.revision.clone();
+        options.progress = self.log_format == LogFormat::Text
+            && std::io::IsTerminal::is_terminal(&std::io::stderr());
+        options
+    }
+
+    /// The model to load (blocking: a repository id may be downloaded): `spec` resolved (see
+    /// [`ServerArgs::model_spec`]), else [`ModelSource::resolve`]'s default.
+    pub fn model_source(
+        spec: Option<&ModelSpec>,
+        options: &HubOptions,
+    ) -> Result<ModelSource, String> {
+        let dir = spec
+            .map(|spec| spec.resolve(options))
+            .transpose()
+            .map_err(|e| e.to_string())?;
+        Ok(ModelSource::resolve(dir.as_deref()))
     }
 
     /// The per-request limits.

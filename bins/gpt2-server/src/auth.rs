@@ -1,6 +1,7 @@
 //! Authentication, off unless configured: API keys (`Authorization: Bearer KEY` or `x-api-key`)
 //! and AWS Signature Version 4, verified the way SageMaker's runtime verifies the requests that
-//! boto3, the AWS CLI and `aws-requests-auth` sign. `/ping` is always open.
+//! boto3, the AWS CLI and `aws-requests-auth` sign. `/ping` and the playground page (`GET /`)
+//! are always open.
 //!
 //! SigV4 is rebuilt from the request as received: the raw path (encoded once more, as non-S3
 //! services sign it), the query, the headers named in `SignedHeaders`, and the SHA-256 of the
@@ -12,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
@@ -97,14 +98,21 @@ enum Refusal {
     BadSignature(String),
 }
 
-/// The middleware: passes `/ping` and every request when no credential is configured; else
-/// checks an API key or a SigV4 signature before the handler runs.
+/// The routes that never ask for credentials: `/ping` (health checks must reach it) and the
+/// playground page, `GET /` (and `HEAD /`), which is static and holds no data; the requests it
+/// makes carry the key its user types.
+fn is_open(method: &Method, path: &str) -> bool {
+    path == "/ping" || (path == "/" && (method == Method::GET || method == Method::HEAD))
+}
+
+/// The middleware: passes the open routes ([`is_open`]) and every request when no credential is
+/// configured; else checks an API key or a SigV4 signature before the handler runs.
 pub async fn authenticate(
     State(config): State<std::sync::Arc<AuthConfig>>,
     request: Request,
     next: Next,
 ) -> Response {
-    if !config.is_enabled() || request.uri().path() == "/ping" {
+    if !config.is_enabled() || is_open(request.method(), request.uri().path()) {
         return next.run(request).await;
     }
     let (parts, body) = request.into_parts();
@@ -552,6 +560,23 @@ mod tests {
         );
         assert_eq!(uri_encode("a b/c", false), "a%20b%2Fc");
         assert_eq!(canonical_query("b=2&a=1&a=0"), "a=0&a=1&b=2");
+    }
+
+    #[test]
+    fn only_ping_and_the_playground_page_are_open() {
+        assert!(is_open(&Method::GET, "/ping") && is_open(&Method::HEAD, "/ping"));
+        assert!(is_open(&Method::GET, "/") && is_open(&Method::HEAD, "/"));
+        assert!(!is_open(&Method::POST, "/"));
+        for path in [
+            "/invocations",
+            "/metrics",
+            "/execution-parameters",
+            "//",
+            "/index.html",
+        ] {
+            assert!(!is_open(&Method::GET, path), "{path}");
+        }
+        assert!(!is_open(&Method::POST, "/invocations"));
     }
 
     #[test]

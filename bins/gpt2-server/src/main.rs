@@ -5,6 +5,8 @@ mod args;
 mod auth;
 mod budget;
 mod metrics;
+mod openai;
+mod playground;
 mod routes;
 mod serve;
 mod streaming;
@@ -63,14 +65,27 @@ fn main() -> ExitCode {
 async fn run(args: ServerArgs) -> Result<(), String> {
     let port = args.port();
     let addr = SocketAddr::new(args.host, port);
-    let source = args.model_source()?;
+    let spec = args.model_spec()?;
+    let hub_options = args.hub_options();
     let auth = args.auth_config()?;
     let loading = std::time::Instant::now();
-    // Load before binding: /ping only answers once the model is ready.
-    let pipeline = tokio::task::spawn_blocking(move || Pipeline::from_source(&source))
-        .await
-        .map_err(|e| format!("model loading panicked: {e}"))?
-        .map_err(|e| format!("cannot load the model: {e}"))?;
+    // Resolve (a repository id may be downloaded) and load before binding: /ping only answers
+    // once the model is ready.
+    let pipeline = tokio::task::spawn_blocking(move || {
+        if let Some(gpt2_hub::ModelSpec::Hub(repo)) = &spec {
+            info!(
+                repo = %repo,
+                revision = %hub_options.revision,
+                cache = %hub_options.cache_dir.display(),
+                offline = hub_options.offline,
+                "resolving the model through the Hugging Face cache"
+            );
+        }
+        let source = ServerArgs::model_source(spec.as_ref(), &hub_options)?;
+        Pipeline::from_source(&source).map_err(|e| format!("cannot load the model: {e}"))
+    })
+    .await
+    .map_err(|e| format!("model loading panicked: {e}"))??;
     let pipeline = pipeline
         .with_weight_format(args.dtype)
         .map_err(|e| format!("cannot convert the weights to {:?}: {e}", args.dtype))?
@@ -91,6 +106,11 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         kv_budget_mb = engine_config.kv_budget_bytes >> 20,
         "KV-cache budget (--kv-budget-mb)"
     );
+    let served_model = openai::ServedModel::new(
+        args.served_model_name.as_deref(),
+        args.model.as_deref(),
+        pipeline.source(),
+    );
     let (engine, worker) = Engine::start(pipeline, engine_config)
         .map_err(|e| format!("cannot start the inference worker: {e}"))?;
     let build = metrics::BuildInfo {
@@ -102,7 +122,8 @@ async fn run(args: ServerArgs) -> Result<(), String> {
     let app = routes::router(
         routes::AppState::new(engine, limits)
             .with_auth(auth)
-            .with_metrics(handle),
+            .with_metrics(handle)
+            .with_served_model(served_model),
     );
     let listener = serve::listen(addr, args.max_connections)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;

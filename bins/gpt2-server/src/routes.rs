@@ -33,6 +33,8 @@ pub struct AppState {
     limits: Limits,
     auth: Arc<AuthConfig>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// The model id the OpenAI-compatible routes serve.
+    served_model: Arc<crate::openai::ServedModel>,
 }
 
 impl AppState {
@@ -42,7 +44,24 @@ impl AppState {
             limits,
             auth: Arc::default(),
             metrics: None,
+            served_model: Arc::default(),
         }
+    }
+
+    /// Serves the OpenAI-compatible routes under `model`'s id.
+    pub fn with_served_model(mut self, model: crate::openai::ServedModel) -> Self {
+        self.served_model = Arc::new(model);
+        self
+    }
+
+    /// The model id of the OpenAI-compatible routes.
+    pub fn served_model(&self) -> &crate::openai::ServedModel {
+        &self.served_model
+    }
+
+    /// The per-request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
     }
 
     /// Serves `GET /metrics` from `handle`'s recorder.
@@ -80,9 +99,17 @@ pub fn router(state: AppState) -> Router {
             "/endpoints/{name}/invocations-response-stream",
             post(invocations_response_stream),
         )
+        .route("/", get(crate::playground::page))
         .route("/ping", get(ping))
         .route("/metrics", get(crate::metrics::render))
         .route("/execution-parameters", get(execution_parameters))
+        .route("/v1/completions", post(crate::openai::completions))
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
+        )
+        .route("/v1/models", get(crate::openai::list_models))
+        .route("/v1/models/{id}", get(crate::openai::retrieve_model))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -350,7 +377,9 @@ async fn invoke(
                 streaming::respond(stream, framing, log).await?,
             ));
         }
-        Ok::<_, ApiError>(Answer::Whole(state.engine.generate(request).await?))
+        let details = request.details();
+        let completed = state.engine.generate(request).await?;
+        Ok::<_, ApiError>(Answer::Whole(completed, details))
     }
     .await;
     let total = received.elapsed();
@@ -375,7 +404,7 @@ async fn invoke(
     match result {
         // The stream records itself when it ends.
         Ok(Answer::Stream(response)) => response,
-        Ok(Answer::Whole(completed)) => {
+        Ok(Answer::Whole(completed, details)) => {
             crate::metrics::observe(&Observed {
                 queued: Some(completed.queued),
                 first_token: completed.first_token,
@@ -396,7 +425,11 @@ async fn invoke(
                 total_ms,
                 "invocation"
             );
-            Json(completed.output.texts).into_response()
+            if details {
+                Json(detailed(&state, &completed.output)).into_response()
+            } else {
+                Json(completed.output.texts).into_response()
+            }
         }
         Err(error) if error.status.is_server_error() => {
             crate::metrics::observe(&observed(error.status.as_u16()));
@@ -431,8 +464,64 @@ async fn invoke(
 
 /// An invocation's successful answer.
 enum Answer {
-    /// The whole JSON array.
-    Whole(gpt2_engine::Completed),
+    /// The whole JSON array: of strings, or of detailed objects when the flag is set.
+    Whole(gpt2_engine::Completed, bool),
     /// A streamed response, already started.
     Stream(Response),
+}
+
+/// The `"details": true` answer: per sequence, its string, why it ended, and its tokens.
+fn detailed(state: &AppState, output: &gpt2_engine::GenerationOutput) -> serde_json::Value {
+    use crate::streaming::{finite, top_json};
+    output
+        .sequences
+        .iter()
+        .map(|sequence| {
+            let end = &sequence.end;
+            let tokens: Vec<serde_json::Value> = if sequence.tokens.is_empty() {
+                // Beam search streams no tokens and scores none on its own.
+                end.token_ids
+                    .iter()
+                    .map(|&id| {
+                        let text = state.engine.tokenizer().token_text(id).unwrap_or_default();
+                        json!({"id": id, "text": text, "logprob": null})
+                    })
+                    .collect()
+            } else {
+                sequence
+                    .tokens
+                    .iter()
+                    .map(|t| {
+                        let mut token =
+                            json!({"id": t.id, "text": t.token_text, "logprob": finite(t.logprob)});
+                        if !t.top_logprobs.is_empty() {
+                            token["top_logprobs"] = top_json(&t.top_logprobs);
+                        }
+                        token
+                    })
+                    .collect()
+            };
+            let mut object = json!({
+                "generated_text": end.text,
+                "finish_reason": end.finish_reason.name(),
+                "generated_tokens": end.generated_tokens,
+                "tokens": tokens,
+                "seed": end.seed,
+            });
+            if let Some(prompt) = &output.prompt {
+                object["prompt_tokens"] = prompt
+                    .iter()
+                    .map(|t| {
+                        json!({
+                            "id": t.id,
+                            "text": t.text,
+                            "logprob": t.logprob.map_or(serde_json::Value::Null, finite),
+                            "top_logprobs": top_json(&t.top_logprobs),
+                        })
+                    })
+                    .collect();
+            }
+            object
+        })
+        .collect()
 }

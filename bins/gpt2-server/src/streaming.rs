@@ -119,6 +119,13 @@ pub async fn respond(
     Ok(response)
 }
 
+/// A token's most likely alternatives as `[{"id", "text", "logprob"}]`.
+pub(crate) fn top_json(top: &[gpt2_engine::TopLogprob]) -> serde_json::Value {
+    top.iter()
+        .map(|t| json!({"id": t.id, "text": t.text, "logprob": finite(t.logprob)}))
+        .collect()
+}
+
 /// One request's stream on its way to SSE bytes.
 struct SseState {
     stream: EngineStream,
@@ -149,11 +156,28 @@ impl SseState {
                 self.finish(error.status.as_u16(), Some(&error));
                 json!({"error": error.message, "error_type": error.error_type})
             }
+            Some(Ok(GenerationEvent::Prompt(tokens))) => {
+                let tokens: Vec<_> = tokens
+                    .iter()
+                    .map(|t| {
+                        json!({
+                            "id": t.id,
+                            "text": t.text,
+                            "logprob": t.logprob.map_or(Value::Null, finite),
+                            "top_logprobs": top_json(&t.top_logprobs),
+                        })
+                    })
+                    .collect();
+                json!({ "prompt_tokens": tokens })
+            }
             Some(Ok(GenerationEvent::Token(token))) => {
                 let mut data = json!({
                     "index": token.index,
                     "token": {"id": token.id, "text": token.text, "logprob": finite(token.logprob)},
                 });
+                if !token.top_logprobs.is_empty() {
+                    data["token"]["top_logprobs"] = top_json(&token.top_logprobs);
+                }
                 // A sequence's end arrives with its last token: send them as one event.
                 if let Some(GenerationEvent::End(end)) = self.stream.peek_ready() {
                     if end.index == token.index {
@@ -257,7 +281,7 @@ impl Drop for SseState {
 }
 
 /// JSON has no infinities: a token with no probability reports `null`.
-fn finite(logprob: f32) -> Value {
+pub(crate) fn finite(logprob: f32) -> Value {
     if logprob.is_finite() {
         json!(logprob)
     } else {
