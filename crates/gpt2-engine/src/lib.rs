@@ -28,6 +28,7 @@
 //!         GenerationEvent::Token(token) if token.index == 0 => print!("{}", token.text),
 //!         GenerationEvent::Token(_) => {} // the other sequences' tokens, interleaved
 //!         GenerationEvent::End(end) => assert_eq!(end.text, texts[end.index]),
+//!         GenerationEvent::Prompt(_) => {} // only with `prompt_logprobs`
 //!     }
 //! }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
@@ -37,6 +38,7 @@ mod events;
 mod pipeline;
 mod prepare;
 mod run;
+mod scheduler;
 mod stop;
 mod worker;
 
@@ -55,7 +57,7 @@ pub use gpt2_schema::{
     GenerationRequest, GenerationRequestBuilder, GenerationResponse, Limits, Mode, RequestError,
 };
 pub use pipeline::{GenerationOutput, GenerationStream, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
-pub use run::{generate_ids, Decoding, TokenScore};
+pub use run::{generate_ids, Decoding, Prefill, TokenScore, PREFILL_CHUNK_GRAIN};
 pub use worker::{
     Completed, Engine, EngineConfig, EngineStats, EngineStream, StreamTimings, SubmitError,
 };
