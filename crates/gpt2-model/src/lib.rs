@@ -6,8 +6,9 @@
 //! step. It knows nothing of sampling or text.
 //!
 //! f32 throughout by default (equal to HF to ~1e-6); [`Gpt2Model::with_weight_format`] stores the
-//! linear layers as q8_0 and [`Gpt2Model::with_kv_format`] stores new KV caches as f16, each
-//! trading a small logit drift for speed or memory.
+//! linear layers as q8_0 or bf16 ([`Gpt2Model::load_with_weight_format`] converts to bf16 while
+//! loading) and [`Gpt2Model::with_kv_format`] stores new KV caches as f16, each trading a small
+//! logit drift for speed or memory.
 //!
 //! ```
 //! use candle_core::Tensor;

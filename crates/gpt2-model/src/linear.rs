@@ -1,8 +1,9 @@
-//! Linear layers: GPT-2's `Conv1D` and the LM head, with their weights in either storage
-//! format, and the choice between the streaming decode kernels and gemm.
+//! Linear layers: GPT-2's `Conv1D` and the LM head, with their weights in any storage format,
+//! and the choice between the streaming decode kernels and gemm.
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::bf16::{self, Bf16Matrix};
 use crate::kernels::matmul_f32::{SmallRowsMatmul, MAX_ROWS};
 use crate::kernels::q8_0::{self, Q8Matrix};
 use crate::weights::NamedTensors;
@@ -17,6 +18,10 @@ pub enum WeightFormat {
     /// ggml's q8_0: 8-bit weights in blocks of 32 with an f16 scale (about 3.8× fewer bytes to
     /// stream per step); activations are quantized per block too. Logits drift slightly.
     Q8_0,
+    /// bfloat16 weights (half the bytes of f32), multiplied with f32 accumulation; activations
+    /// are rounded to bf16 before each matmul. Logits drift less than with q8_0. Token
+    /// embeddings are stored in bf16 too (shared with the tied LM head).
+    Bf16,
 }
 
 impl std::str::FromStr for WeightFormat {
@@ -26,8 +31,9 @@ impl std::str::FromStr for WeightFormat {
         match s {
             "f32" => Ok(Self::F32),
             "q8_0" | "q8" => Ok(Self::Q8_0),
+            "bf16" => Ok(Self::Bf16),
             other => Err(format!(
-                "unknown weight format {other:?} (expected f32 or q8_0)"
+                "unknown weight format {other:?} (expected f32, bf16 or q8_0)"
             )),
         }
     }
@@ -40,6 +46,8 @@ enum Weight {
     Dense(Tensor),
     /// ggml's q8_0 scheme (blocks of 32 int8 with an f16-rounded scale), `(out, in)`.
     Q8(std::sync::Arc<Q8Matrix>),
+    /// bf16, `(out, in)`, packed for the bf16 kernels.
+    Bf16(std::sync::Arc<Bf16Matrix>),
 }
 
 /// A dense layer: GPT-2's `Conv1D` (whose checkpoint layout is `(in, out)`) or the LM head. The
@@ -57,9 +65,19 @@ impl Conv1D {
         n_in: usize,
         n_out: usize,
     ) -> Result<Self, ModelError> {
-        let weight_t = weights.take_huge(&format!("{prefix}.weight"), &[n_in, n_out], true)?;
+        let name = format!("{prefix}.weight");
+        let weight = if weights.format() == WeightFormat::Bf16 && n_in.is_multiple_of(2) {
+            // Straight from the checkpoint's `(in, out)` layout into the packed bf16 one.
+            Weight::Bf16(std::sync::Arc::new(weights.take_bf16(
+                &name,
+                &[n_in, n_out],
+                bf16::Source::InOut,
+            )?))
+        } else {
+            Weight::Dense(weights.take_huge(&name, &[n_in, n_out], true)?)
+        };
         Ok(Self {
-            weight: Weight::Dense(weight_t),
+            weight,
             bias: weights.take(&format!("{prefix}.bias"), &[n_out])?,
         })
     }
@@ -69,6 +87,7 @@ impl Conv1D {
         match &self.weight {
             Weight::Dense(w) => linear(xs, w, &self.bias),
             Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
+            Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
         }
     }
 
@@ -78,6 +97,7 @@ impl Conv1D {
         match &self.weight {
             Weight::Dense(w) => linear_step(xs, w, &self.bias),
             Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
+            Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
         }
     }
 
@@ -86,6 +106,7 @@ impl Conv1D {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
             Weight::Q8(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu),
+            Weight::Bf16(m) => Tensor::from_vec(m.dequantize(), m.shape(), &Device::Cpu),
         }
     }
 
@@ -117,6 +138,50 @@ impl Conv1D {
         self.weight = Weight::Q8(std::sync::Arc::new(quantized));
         Ok(true)
     }
+}
+
+impl Conv1D {
+    /// Stores the weight as bf16, when its input width is even.
+    pub(crate) fn store_bf16(&mut self) -> candle_core::Result<bool> {
+        let Weight::Dense(w) = &self.weight else {
+            return Ok(false);
+        };
+        let packed = match dense_bf16(w)? {
+            Some(packed) => packed,
+            None => return Ok(false),
+        };
+        self.weight = Weight::Bf16(std::sync::Arc::new(packed));
+        Ok(true)
+    }
+
+    /// A layer over an existing bf16 weight, e.g. the LM head tied to `wte`.
+    pub(crate) fn bf16(weight: std::sync::Arc<Bf16Matrix>, bias: Tensor) -> Self {
+        Self {
+            weight: Weight::Bf16(weight),
+            bias,
+        }
+    }
+}
+
+/// An f32 `(out, in)` tensor packed as bf16 straight from its buffer, or `None` when its input
+/// width is odd.
+pub(crate) fn dense_bf16(w: &Tensor) -> candle_core::Result<Option<Bf16Matrix>> {
+    let (n, k) = w.dims2()?;
+    if !k.is_multiple_of(2) {
+        return Ok(None);
+    }
+    let (storage, layout) = w.storage_and_layout();
+    Ok(Some(match (&*storage, layout.contiguous_offsets()) {
+        (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((s, e))) => {
+            Bf16Matrix::pack(&data[s..e], n, k, bf16::Source::OutIn)
+        }
+        _ => Bf16Matrix::pack(
+            &w.flatten_all()?.to_vec1::<f32>()?,
+            n,
+            k,
+            bf16::Source::OutIn,
+        ),
+    }))
 }
 
 /// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`. Decode-shaped inputs (a few rows)

@@ -34,14 +34,14 @@ pub fn trim_freed_memory() {
     }
 }
 
-/// An empty vector with room for `len` floats whose pages the kernel is asked to back with
+/// An empty vector with room for `len` values whose pages the kernel is asked to back with
 /// huge pages. Must be filled before anything else touches it.
-fn huge_page_vec(len: usize) -> Vec<f32> {
-    let vec: Vec<f32> = Vec::with_capacity(len);
+pub(crate) fn huge_page_vec<T>(len: usize) -> Vec<T> {
+    let vec: Vec<T> = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         let start = vec.as_ptr() as usize;
-        let end = start + len * std::mem::size_of::<f32>();
+        let end = start + len * std::mem::size_of::<T>();
         let aligned_start = start.div_ceil(HUGE_PAGE) * HUGE_PAGE;
         let aligned_end = end / HUGE_PAGE * HUGE_PAGE;
         if aligned_end > aligned_start {
@@ -70,7 +70,7 @@ pub(crate) fn huge_page_tensor(
     if source.len() != rows * cols {
         candle_core::bail!("{} values for a ({rows}, {cols}) matrix", source.len());
     }
-    let mut data = huge_page_vec(rows * cols);
+    let mut data = huge_page_vec::<f32>(rows * cols);
     if transpose {
         // Blocked so that both sides stay in cache.
         const BLOCK: usize = 64;

@@ -5,6 +5,9 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
+use std::sync::Arc;
+
+use crate::kernels::bf16::{self, Bf16Matrix};
 use crate::layers::{Block, LayerNorm};
 use crate::linear::{Conv1D, WeightFormat};
 use crate::weights::{self, NamedTensors, WeightFiles};
@@ -22,11 +25,27 @@ pub enum LogitsFor {
 impl Gpt2Model {
     /// Loads `config.json` and the weights of a model directory onto `device`.
     pub fn load(dir: impl AsRef<Path>, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with_weight_format(dir, device, WeightFormat::F32)
+    }
+
+    /// [`Self::load`] then [`Self::with_weight_format`], except that bf16 converts each tensor
+    /// straight from the checkpoint as it is read, so the f32 weights never all sit in memory:
+    /// loading peaks near the bf16 model's size, and skips a pass over the f32 copy.
+    pub fn load_with_weight_format(
+        dir: impl AsRef<Path>,
+        device: &Device,
+        format: WeightFormat,
+    ) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::find(dir)?;
-        let weights = weights::NamedTensors::load(&files, device)?;
-        Self::from_named_tensors(config, weights, device)
+        let streamed = if format == WeightFormat::Bf16 && matches!(device, Device::Cpu) {
+            WeightFormat::Bf16
+        } else {
+            WeightFormat::F32
+        };
+        let weights = weights::NamedTensors::load(&files, device)?.with_format(streamed);
+        Self::from_named_tensors(config, weights, device)?.with_weight_format(format)
     }
 
     /// Builds a model from tensors under HF names (either key layout).
@@ -79,12 +98,12 @@ impl Gpt2Model {
 #[derive(Debug, Clone)]
 pub struct Gpt2Model {
     config: Gpt2Config,
-    wte: Tensor,
+    wte: TokenEmbeddings,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     /// `(vocab, n_embd)` with a zero bias; the same tensor as `wte` when the embeddings are tied
-    /// and the weights are f32.
+    /// and the weights are f32 or bf16.
     lm_head: Conv1D,
     weight_format: WeightFormat,
     kv_format: KvFormat,
@@ -99,18 +118,37 @@ impl Gpt2Model {
     ) -> Result<Self, ModelError> {
         config.validate()?;
         let cfg = &config;
-        let wte = weights.take_huge("wte.weight", &[cfg.vocab_size, cfg.n_embd], false)?;
+        let streamed = weights.format();
+        let wte_shape = [cfg.vocab_size, cfg.n_embd];
+        let wte = if streamed == WeightFormat::Bf16 && cfg.n_embd.is_multiple_of(2) {
+            TokenEmbeddings::Bf16(Arc::new(weights.take_bf16(
+                "wte.weight",
+                &wte_shape,
+                bf16::Source::OutIn,
+            )?))
+        } else {
+            TokenEmbeddings::F32(weights.take_huge("wte.weight", &wte_shape, false)?)
+        };
         let wpe = weights.take("wpe.weight", &[cfg.n_positions, cfg.n_embd])?;
         let blocks = (0..cfg.n_layer)
             .map(|idx| Block::load(&mut weights, idx, cfg))
             .collect::<Result<Vec<_>, _>>()?;
         let ln_f = LayerNorm::load(&mut weights, "ln_f", cfg)?;
-        let lm_head = if cfg.tie_word_embeddings {
-            wte.clone()
-        } else {
-            weights.take_huge("lm_head.weight", &[cfg.vocab_size, cfg.n_embd], false)?
-        };
         let lm_head_bias = Tensor::zeros(cfg.vocab_size, DType::F32, device)?;
+        let lm_head = match (&wte, cfg.tie_word_embeddings) {
+            (TokenEmbeddings::F32(wte), true) => Conv1D::dense(wte.clone(), lm_head_bias),
+            (TokenEmbeddings::Bf16(wte), true) => Conv1D::bf16(wte.clone(), lm_head_bias),
+            (_, false) => {
+                let mut head = Conv1D::dense(
+                    weights.take_huge("lm_head.weight", &wte_shape, false)?,
+                    lm_head_bias,
+                );
+                if streamed == WeightFormat::Bf16 {
+                    head.store_bf16()?;
+                }
+                head
+            }
+        };
         if cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
             tracing::debug!("lm_head.weight ignored: tie_word_embeddings shares wte");
         }
@@ -120,29 +158,53 @@ impl Gpt2Model {
             wpe,
             blocks,
             ln_f,
-            lm_head: Conv1D::dense(lm_head, lm_head_bias),
-            weight_format: WeightFormat::F32,
+            lm_head,
+            weight_format: streamed,
             kv_format: KvFormat::F32,
             device: device.clone(),
         })
     }
 
-    /// Converts the linear layers and the LM head to `format`. q8_0 applies to layers whose
-    /// input width is a multiple of 32 (all of GPT-2's); others stay f32. Embeddings and layer
-    /// norms stay f32.
+    /// Converts the linear layers and the LM head of an f32 model to `format`. q8_0 applies to
+    /// layers whose input width is a multiple of 32 (all of GPT-2's), bf16 to those of even
+    /// width; others stay f32. With bf16 the token embeddings become bf16 too (one matrix with
+    /// the tied LM head); position embeddings and layer norms stay f32. Each matrix is converted
+    /// and its f32 copy freed in turn. A model already in another format than f32 is refused.
     pub fn with_weight_format(mut self, format: WeightFormat) -> Result<Self, ModelError> {
-        if format == WeightFormat::Q8_0 {
-            let mut layers: Vec<&mut Conv1D> = Vec::new();
-            for block in &mut self.blocks {
-                layers.push(&mut block.attn.c_attn);
-                layers.push(&mut block.attn.c_proj);
-                layers.push(&mut block.mlp.c_fc);
-                layers.push(&mut block.mlp.c_proj);
+        if format == self.weight_format {
+            return Ok(self);
+        }
+        if self.weight_format != WeightFormat::F32 {
+            return Err(ModelError::Input(format!(
+                "weights already stored as {:?} cannot become {format:?}",
+                self.weight_format
+            )));
+        }
+        if format == WeightFormat::Bf16 {
+            if let TokenEmbeddings::F32(wte) = &self.wte {
+                if let Some(packed) = crate::linear::dense_bf16(wte)? {
+                    let packed = Arc::new(packed);
+                    if self.config.tie_word_embeddings {
+                        self.lm_head = Conv1D::bf16(packed.clone(), self.lm_head.bias.clone());
+                    }
+                    self.wte = TokenEmbeddings::Bf16(packed);
+                }
             }
-            layers.push(&mut self.lm_head);
-            for layer in layers {
-                layer.quantize_q8()?;
-            }
+        }
+        let mut layers: Vec<&mut Conv1D> = Vec::new();
+        for block in &mut self.blocks {
+            layers.push(&mut block.attn.c_attn);
+            layers.push(&mut block.attn.c_proj);
+            layers.push(&mut block.mlp.c_fc);
+            layers.push(&mut block.mlp.c_proj);
+        }
+        layers.push(&mut self.lm_head);
+        for layer in layers {
+            match format {
+                WeightFormat::Q8_0 => layer.quantize_q8()?,
+                WeightFormat::Bf16 => layer.store_bf16()?,
+                WeightFormat::F32 => true,
+            };
         }
         self.weight_format = format;
         Ok(self)
@@ -269,7 +331,7 @@ impl Gpt2Model {
         let past = cache.seq_len();
         let token_embeddings = self
             .wte
-            .index_select(&tokens.flatten_all()?, 0)?
+            .lookup(&tokens.flatten_all()?)?
             .reshape((batch, new, n_embd))?;
         let position_embeddings = self.wpe.narrow(0, past, new)?;
         let mut xs = token_embeddings.broadcast_add(&position_embeddings)?;
@@ -359,8 +421,7 @@ impl Gpt2Model {
         let device = &self.device;
         let tokens = Tensor::from_slice(tokens, tokens.len(), device)?;
         let positions = Tensor::from_slice(positions, positions.len(), device)?;
-        let mut xs =
-            (self.wte.index_select(&tokens, 0)? + self.wpe.index_select(&positions, 0)?)?;
+        let mut xs = (self.wte.lookup(&tokens)? + self.wpe.index_select(&positions, 0)?)?;
         for cache in caches.iter_mut() {
             let (rows, length) = (cache.rows(), cache.seq_len() + 1);
             cache.prepare(rows, length);
@@ -378,7 +439,7 @@ impl Gpt2Model {
     /// The weight tensors under HF's bare names, for writing a checkpoint.
     pub fn named_weights(&self) -> candle_core::Result<Vec<(String, Tensor)>> {
         let mut named = vec![
-            ("wte.weight".to_string(), self.wte.clone()),
+            ("wte.weight".to_string(), self.wte.tensor()?),
             ("wpe.weight".to_string(), self.wpe.clone()),
         ];
         for (idx, block) in self.blocks.iter().enumerate() {
@@ -405,6 +466,38 @@ impl Gpt2Model {
             named.push(("lm_head.weight".to_string(), self.lm_head.weight_t()?));
         }
         Ok(named)
+    }
+}
+
+/// The token embedding table, `(vocab, n_embd)`.
+#[derive(Debug, Clone)]
+enum TokenEmbeddings {
+    F32(Tensor),
+    /// Shared with the LM head when the embeddings are tied.
+    Bf16(Arc<Bf16Matrix>),
+}
+
+impl TokenEmbeddings {
+    /// The rows of `ids` (a 1-D u32 tensor): `(ids, n_embd)`.
+    fn lookup(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbeddings::F32(wte) => wte.index_select(ids, 0),
+            TokenEmbeddings::Bf16(wte) => {
+                let ids = ids.to_vec1::<u32>()?;
+                let (_, k) = wte.shape();
+                Tensor::from_vec(wte.gather(&ids), (ids.len(), k), &Device::Cpu)
+            }
+        }
+    }
+
+    /// The table as an f32 tensor.
+    fn tensor(&self) -> candle_core::Result<Tensor> {
+        match self {
+            TokenEmbeddings::F32(wte) => Ok(wte.clone()),
+            TokenEmbeddings::Bf16(wte) => {
+                Tensor::from_vec(wte.dequantize(), wte.shape(), &Device::Cpu)
+            }
+        }
     }
 }
 

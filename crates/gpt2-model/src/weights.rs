@@ -3,6 +3,8 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::bf16::{self, Bf16Matrix};
+use crate::linear::WeightFormat;
 use crate::ModelError;
 
 /// The weight files of a checkpoint, in the order they are looked for.
@@ -78,6 +80,9 @@ fn shards_of_index(index: &Path) -> Result<Vec<PathBuf>, ModelError> {
 pub(crate) struct NamedTensors {
     source: Source,
     origin: String,
+    /// The storage the model asks for: [`WeightFormat::Bf16`] makes the linear layers take their
+    /// weights with [`NamedTensors::take_bf16`], converted one tensor at a time.
+    format: WeightFormat,
 }
 
 /// A tensor of a mapped safetensors file.
@@ -186,6 +191,7 @@ impl NamedTensors {
                 Ok(Self {
                     source: Source::Loaded(tensors),
                     origin: path.display().to_string(),
+                    format: WeightFormat::F32,
                 })
             }
         }
@@ -230,6 +236,7 @@ impl NamedTensors {
         Ok(Self {
             source: Source::Mapped { files, index },
             origin,
+            format: WeightFormat::F32,
         })
     }
 
@@ -237,7 +244,19 @@ impl NamedTensors {
         Self {
             source: Source::Loaded(tensors),
             origin: origin.to_string(),
+            format: WeightFormat::F32,
         }
+    }
+
+    /// Asks the layers to take their weights in `format` as they load.
+    pub(crate) fn with_format(mut self, format: WeightFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// The storage the model asked for.
+    pub(crate) fn format(&self) -> WeightFormat {
+        self.format
     }
 
     pub(crate) fn contains(&self, name: &str) -> bool {
@@ -291,13 +310,37 @@ impl NamedTensors {
         )
     }
 
-    fn take_with(
+    /// Takes the 2-D tensor `name` of shape `shape` (even columns for [`bf16::Source::OutIn`],
+    /// even rows for [`bf16::Source::InOut`]) packed as bf16, converting from the mapping without
+    /// an f32 copy of the whole model.
+    pub(crate) fn take_bf16(
         &mut self,
         name: &str,
         shape: &[usize],
-        from_data: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<Tensor>,
-        from_tensor: impl FnOnce(Tensor) -> candle_core::Result<Tensor>,
-    ) -> Result<Tensor, ModelError> {
+        layout: bf16::Source,
+    ) -> Result<Bf16Matrix, ModelError> {
+        let (n, k) = match layout {
+            bf16::Source::OutIn => (shape[0], shape[1]),
+            bf16::Source::InOut => (shape[1], shape[0]),
+        };
+        self.take_with(
+            name,
+            shape,
+            |data, _| Ok(Bf16Matrix::pack(data, n, k, layout)),
+            |tensor| {
+                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Bf16Matrix::pack(&data, n, k, layout))
+            },
+        )
+    }
+
+    fn take_with<T>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        from_data: impl FnOnce(&[f32], &[usize]) -> candle_core::Result<T>,
+        from_tensor: impl FnOnce(Tensor) -> candle_core::Result<T>,
+    ) -> Result<T, ModelError> {
         let tensor_error = |e: candle_core::Error| ModelError::Tensor {
             name: name.to_string(),
             reason: e.to_string(),

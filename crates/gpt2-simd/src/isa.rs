@@ -15,7 +15,7 @@ pub enum Isa {
     /// AVX2 with FMA and F16C (x86-64 since Haswell / Zen 1).
     Avx2,
     /// AVX-512 F, BW and DQ on top of [`Isa::Avx2`] (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4).
-    /// Kernels that also need VNNI ask [`Isa::has_vnni`].
+    /// Kernels that also need VNNI ask [`Isa::has_vnni`], BF16 [`Isa::has_avx512_bf16`].
     Avx512,
 }
 
@@ -90,6 +90,24 @@ impl Isa {
             self == Isa::Avx512
                 && self.is_supported()
                 && std::arch::is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// Whether this level is AVX-512 and the CPU has its BF16 extension (`vdpbf16ps`,
+    /// `vcvtne2ps2bf16`), which the bf16 weight kernel uses (Zen 4, Cooper Lake, Sapphire Rapids).
+    /// A `GPT2_ISA` pin below `avx512` makes this false, so the bf16 kernel falls back to
+    /// widening its weights to f32.
+    #[inline]
+    pub fn has_avx512_bf16(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            self == Isa::Avx512
+                && self.is_supported()
+                && std::arch::is_x86_feature_detected!("avx512bf16")
         }
         #[cfg(not(target_arch = "x86_64"))]
         {
@@ -184,6 +202,10 @@ mod tests {
                 .all(|l| l.is_supported()));
         }
         assert!(!Isa::Portable.has_vnni() && !Isa::Avx2.has_vnni());
+        assert!(!Isa::Portable.has_avx512_bf16() && !Isa::Avx2.has_avx512_bf16());
+        if Isa::Avx512.has_avx512_bf16() {
+            assert!(Isa::Avx512.is_supported());
+        }
     }
 
     #[test]

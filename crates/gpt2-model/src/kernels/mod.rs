@@ -5,6 +5,7 @@
 //! | --- | --- |
 //! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` |
 //! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
+//! | `bf16.rs` | bf16 weights and their matmul (`vdpbf16ps`, or widening and FMA) |
 //! | `attention.rs` | one query per head over its cached keys and values |
 //! | `activation.rs` | `gelu_new` without libm |
 //!
@@ -16,6 +17,7 @@
 
 pub(crate) mod activation;
 pub(crate) mod attention;
+pub(crate) mod bf16;
 pub(crate) mod matmul_f32;
 pub(crate) mod q8_0;
 
