@@ -6,17 +6,24 @@ Run from anywhere, with a Python that has torch, transformers, safetensors and m
     /path/to/venv/bin/python benches/compare/run.py
 
 Steps:
-  1. cargo build --release -p gpt2-cli -p gpt2-server      (skip with --no-build)
+  1. cargo build --release -p gpt2-cli -p gpt2-server, and -p gpt2-benches --bin machine_probe
+     (skip with --no-build)
   2. make_checkpoint.py --model-dir (random GPT-2 124M)     (skipped when it exists)
+  2b. target/release/machine_probe --threads T: the CPU model and flags, read bandwidth and
+     arithmetic peaks; with the checkpoint's config they give each shape's floor (see
+     `floors()`): the fastest a request could possibly run on this machine. --probe-only stops
+     here and prints the probe and the floors.
   3. per shape (default, beam, greedy), HF then ours, same thread count:
        hf_bench.py --model DIR --shape S --runs N --threads T
        RAYON_NUM_THREADS=T target/release/gpt2 bench --model DIR --request FILE --runs N --warmup 1
   4. concurrency sweep: start target/release/gpt2-server, N client threads POST the default
      request to /invocations; generated tokens come from the server's JSON log lines.
+  4b. with --llama-cpp DIR: llama.cpp's llama-batched-bench on the same checkpoint (GGUF, same
+     weight format) for the default (3 sequences) and greedy (1) shapes, via llama_cpp.py.
   5. print a table; write docs/performance.md, docs/performance.png, docs/performance.json
      (or next to --output).
 
-Only the standard library and matplotlib are used here.
+Only the standard library and matplotlib (for the sweep's plot) are used here.
 """
 import argparse
 import datetime as _dt
@@ -48,6 +55,21 @@ SHAPES = {
     "beam": {"input": PROMPT, "mode": "beam"},
     "greedy": {"input": PROMPT, "mode": "greedy", "num_return_sequences": 1},
 }
+# Sequences decoded together in each step of a shape (beam search runs all 5 beams), and the
+# sequences it returns (whose tokens `generated_tokens` sums).
+ROWS_IN_FLIGHT = {"default": 3, "beam": 5, "greedy": 1}
+RETURNED = {"default": 3, "beam": 3, "greedy": 1}
+PROMPT_TOKENS = 5   # PROMPT in GPT-2's tokenizer
+MAX_LENGTH = 100    # the contract's default max_length (prompt included)
+# Bytes per stored weight of each --dtype: q8_0 is 32 int8 values and one f16 scale per block.
+WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
+KV_BYTES = {"f32": 4, "f16": 2}
+# Which probe peak bounds a format's matmuls (multiply-adds count 2 operations): f32 FMA; bf16
+# pairs (vdpbf16ps) where the CPU has them, else widening + f32 FMA; int8 dot products (vpdpbusd)
+# for q8_0 where the CPU has them, else f32 FMA.
+PEAK_OF_FORMAT = {"f32": ["f32_fma_gflops"],
+                  "bf16": ["bf16_dot_gflops", "f32_fma_gflops"],
+                  "q8_0": ["int8_vnni_gops", "f32_fma_gflops"]}
 SHAPE_NOTES = {
     "default": "sample-top-p (top_k 50, top_p 0.92), max_length 100, 3 sequences",
     "beam": "5 beams, no_repeat_ngram_size 2, max_length 100, 3 returned",
@@ -103,10 +125,13 @@ def last_json_line(stdout: str, what: str) -> dict:
 
 
 def build(args) -> None:
-    cmd = ["cargo", "build", "--release", "-p", "gpt2-cli", "-p", "gpt2-server"]
-    log("building: " + " ".join(cmd))
-    # cargo's output goes straight to the terminal so the (long) build shows progress.
-    run_checked(cmd, cwd=REPO_ROOT, capture=False)
+    cmds = [["cargo", "build", "--release", "-p", "gpt2-benches", "--bin", "machine_probe"]]
+    if not args.probe_only:
+        cmds.insert(0, ["cargo", "build", "--release", "-p", "gpt2-cli", "-p", "gpt2-server"])
+    for cmd in cmds:
+        log("building: " + " ".join(cmd))
+        # cargo's output goes straight to the terminal so the (long) build shows progress.
+        run_checked(cmd, cwd=REPO_ROOT, capture=False)
 
 
 def ensure_checkpoint(model_dir: Path) -> None:
@@ -120,6 +145,196 @@ def ensure_checkpoint(model_dir: Path) -> None:
     missing = [n for n in needed if not (model_dir / n).is_file()]
     if missing:
         raise BenchError(f"{model_dir} still lacks {missing} after make_checkpoint.py")
+
+
+# --------------------------------------------------------------------------------------------
+# The machine's floor
+
+
+def run_probe(args) -> dict:
+    """machine_probe's JSON: CPU model and flags, read GB/s, f32 / bf16 / int8 peaks."""
+    if not args.probe_bin.is_file():
+        raise BenchError(f"{args.probe_bin} does not exist; build it (drop --no-build)")
+    log(f"probing the machine ({args.threads} threads, loadavg {loadavg()})")
+    proc = run_checked([args.probe_bin, "--threads", args.threads])
+    return last_json_line(proc.stdout, "machine_probe")
+
+
+def model_sizes(model_dir: Path) -> dict:
+    """What one decode step must read and compute, from config.json: the matmul weights (4
+    linear layers per block and the LM head, tied to the token embeddings), which take the weight
+    format, and the biases and layer norms, which stay f32. The embedding lookups read one row."""
+    c = json.loads((model_dir / "config.json").read_text())
+    d, layers, vocab = c["n_embd"], c["n_layer"], c["vocab_size"]
+    inner = c.get("n_inner") or 4 * d
+    per_layer = 4 * d * d + 2 * d * inner      # qkv (3 d²), attention out (d²), MLP up + down
+    return {"n_layer": layers, "n_embd": d, "vocab": vocab,
+            "layer_params": layers * per_layer, "head_params": vocab * d,
+            "matmul_params": layers * per_layer + vocab * d,
+            "small_params": layers * (5 * d + inner + 4 * d) + 2 * d}
+
+
+def peak_for(probe: dict, dtype: str):
+    """(peak in 10⁹ operations/s, the probe field it came from) for a weight format's matmuls."""
+    for key in PEAK_OF_FORMAT[dtype]:
+        if probe.get(key):
+            return float(probe[key]), key
+    raise BenchError(f"the probe reported no usable peak for {dtype}: {probe}")
+
+
+def step_floor(probe: dict, sizes: dict, dtype: str, kv_dtype: str, rows: int,
+               positions: int, tokens: int = 1) -> dict:
+    """Seconds one forward pass over `rows` sequences × `tokens` new positions must take at
+    least: max(bytes read / read bandwidth, 2 · multiply-adds / arithmetic peak). Bytes are every
+    weight once (its format's bytes per weight) plus the KV caches the rows attend over
+    (`positions` each); multiply-adds are the matmul weights times the rows (times `tokens`
+    for the blocks; the LM head runs on the last position only)."""
+    bw = float(probe["read_gbs"]) * 1e9
+    peak, peak_key = peak_for(probe, dtype)
+    weight_bytes = sizes["matmul_params"] * WEIGHT_BYTES[dtype] + sizes["small_params"] * 4
+    kv_bytes = rows * positions * sizes["n_layer"] * 2 * sizes["n_embd"] * KV_BYTES[kv_dtype]
+    macs = rows * (sizes["layer_params"] * tokens + sizes["head_params"])
+    t_bw = (weight_bytes + kv_bytes) / bw
+    t_compute = 2 * macs / (peak * 1e9)
+    return {"s": max(t_bw, t_compute), "bandwidth_s": t_bw, "compute_s": t_compute,
+            "bound": "bandwidth" if t_bw >= t_compute else "compute",
+            "weight_bytes": weight_bytes, "kv_bytes": kv_bytes, "peak_key": peak_key}
+
+
+def decode_steps(shape: str, ours: dict):
+    """Tokens of the longest sequence: `gpt2 bench`'s steps when it reports them; else the
+    maximum when every returned sequence reached max_length; else (some ended at EOS) the fewest
+    the longest one can have, ceil(generated / returned), so the floor stays a lower bound."""
+    full = MAX_LENGTH - PROMPT_TOKENS
+    if ours is None:
+        return full, "max_length"
+    raw = ours.get("raw", {})
+    for key in ("decode_steps", "steps"):
+        if isinstance(raw.get(key), int) and raw[key] > 0:
+            return raw[key], "reported"
+    generated = ours["generated_tokens"]
+    if generated >= RETURNED[shape] * full:
+        return full, "max_length"
+    return max(1, -(-generated // RETURNED[shape])), "lower bound (EOS)"
+
+
+def request_floor(probe: dict, sizes: dict, args, shape: str, ours=None) -> dict:
+    """The fastest one request of `shape` can run here: the prefill (one pass over the prompt,
+    which yields the first token) plus one decode step per further token, each at its
+    step_floor with the rows in flight and the positions cached so far."""
+    rows = ROWS_IN_FLIGHT[shape]
+    steps, steps_from = decode_steps(shape, ours)
+    prefill = step_floor(probe, sizes, args.dtype, args.kv_dtype, 1, 0, PROMPT_TOKENS)
+    decode = [step_floor(probe, sizes, args.dtype, args.kv_dtype, rows, PROMPT_TOKENS + i)
+              for i in range(1, steps)]
+    total = prefill["s"] + sum(d["s"] for d in decode)
+    first = decode[0] if decode else prefill
+    out = {"rows_in_flight": rows, "steps": steps, "steps_from": steps_from,
+           "prefill_s": prefill["s"], "step_s": first["s"],
+           "step_bandwidth_s": first["bandwidth_s"], "step_compute_s": first["compute_s"],
+           "bound": first["bound"], "weight_bytes": first["weight_bytes"],
+           "peak_key": first["peak_key"], "floor_s": total}
+    if ours is not None:
+        out["ours_x_floor"] = ours["median_s"] / total
+    return out
+
+
+def sweep_floor(probe: dict, sizes: dict, args, clients: int) -> dict:
+    """Aggregate tokens/s at the floor with every client's default request (3 sequences) in
+    each step, mid-request (half of the positions cached); prefill ignored."""
+    rows = ROWS_IN_FLIGHT["default"] * clients
+    f = step_floor(probe, sizes, args.dtype, args.kv_dtype, rows, MAX_LENGTH // 2)
+    return {"rows": rows, "step_s": f["s"], "bound": f["bound"], "tokens_per_s": rows / f["s"]}
+
+
+def probe_summary_rows(probe: dict):
+    flags = [k for k, on in probe.get("features", {}).items() if on]
+    amx = [f for f in probe.get("cpuinfo_flags", []) if f.startswith("amx")]
+    return [
+        ("CPU", probe.get("cpu_model", "?")),
+        ("flags", ", ".join(flags + amx) or "none detected"),
+        ("threads", f"{probe['threads']} of {probe.get('logical_cpus', '?')} logical CPUs"),
+        ("read bandwidth", f"{probe['read_gbs']:.1f} GB/s with {probe['threads']} threads, "
+                           f"{probe['read_gbs_1_thread']:.1f} GB/s with 1 "
+                           f"({probe['buffer_mib']} MiB buffer, best of {probe.get('read_passes', '?')} "
+                           "passes)"),
+        ("f32 FMA peak", f"{probe['f32_fma_gflops']:.0f} GFLOP/s ({probe['f32_isa']}; "
+                         f"{probe['f32_fma_gflops_1_thread']:.0f} with 1 thread)"),
+        ("int8 dot peak", f"{probe['int8_vnni_gops']:.0f} GOPS (vpdpbusd)"
+         if probe.get("int8_vnni_gops") else "– (no AVX-512 VNNI)"),
+        ("bf16 dot peak", f"{probe['bf16_dot_gflops']:.0f} GFLOP/s (vdpbf16ps)"
+         if probe.get("bf16_dot_gflops") else "– (no AVX-512 BF16)"),
+    ]
+
+
+def floor_rows(floors: dict, shapes: dict):
+    header = ["shape", "rows", "passes", "MB / step", "bandwidth ms / step",
+              "compute ms / step", "bound", "floor s", "ours median s", "ours × floor"]
+    rows = []
+    for name, f in floors.items():
+        ours = shapes.get(name, {}).get("ours")
+        steps = str(f["steps"]) + ("" if f["steps_from"] in ("max_length", "reported") else "*")
+        rows.append([name, str(f["rows_in_flight"]), steps, f"{f['weight_bytes'] / 1e6:.0f}",
+                     f"{f['step_bandwidth_s'] * 1e3:.1f}", f"{f['step_compute_s'] * 1e3:.1f}",
+                     f["bound"], fmt(f["floor_s"]), fmt(ours and ours["median_s"]),
+                     fmt(f.get("ours_x_floor"), ".2f") + ("×" if f.get("ours_x_floor") else "")])
+    return header, rows
+
+
+def print_probe_and_floors(probe: dict, sizes: dict, args, floors: dict, shapes: dict) -> None:
+    print(f"Machine (machine_probe, {probe.get('probe_s', '?')} s)")
+    for k, v in probe_summary_rows(probe):
+        print(f"  {k:15} {v}")
+    print(f"  model          {sizes['matmul_params'] / 1e6:.1f} M matmul weights per step, "
+          f"--dtype {args.dtype} ({WEIGHT_BYTES[args.dtype]:.4g} bytes each), "
+          f"--kv-dtype {args.kv_dtype}")
+    print()
+    print("Floors: per step max((weight + KV bytes) / read bandwidth, "
+          "2 · matmul weights · rows / peak)")
+    print(text_table(*floor_rows(floors, shapes)))
+    if args.clients:
+        print()
+        print("Sweep floors (every client's 3 sequences in each step)")
+        print(text_table(["clients", "rows", "ms / step", "bound", "floor tok/s"],
+                         [[str(c), str(f["rows"]), f"{f['step_s'] * 1e3:.1f}", f["bound"],
+                           f"{f['tokens_per_s']:.0f}"]
+                          for c, f in ((c, sweep_floor(probe, sizes, args, c))
+                                       for c in args.clients)]))
+    print()
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp (optional; benches/compare/llama_cpp.py does the work)
+
+# The shapes llama-batched-bench can run: sequences decoded together (it has no beam search).
+LLAMA_BATCH_OF_SHAPE = {"default": 3, "greedy": 1}
+
+
+def llama_bench(args) -> Path:
+    return args.llama_cpp / "build" / "bin" / "llama-batched-bench"
+
+
+def run_llama_cpp(args, shapes: dict) -> None:
+    """Adds entry["llama_cpp"] (tokens/s) and entry["vs_llama_cpp"] (ours tok/s / theirs) to
+    the default and greedy shapes, llama.cpp running the same weight format."""
+    sys.path.insert(0, str(HERE))
+    import llama_cpp as lc  # benches/compare/llama_cpp.py
+    bench = llama_bench(args)
+    gguf_dir = REPO_ROOT / "target" / "bench"
+    gguf_dir.mkdir(parents=True, exist_ok=True)
+    try:  # llama_cpp.py reports its failures and exits
+        gguf = lc.convert(args.llama_cpp, args.model_dir, gguf_dir, args.dtype)
+        for name, entry in shapes.items():
+            batch = LLAMA_BATCH_OF_SHAPE.get(name)
+            if batch is None:
+                continue
+            log(f"shape {name}: llama.cpp {args.dtype}, {batch} sequence(s)")
+            theirs = lc.llama_tokens_per_s(bench, gguf, batch, args.threads)
+            entry["llama_cpp"] = {"tokens_per_s": theirs, "sequences": batch}
+            if entry["ours"]["tokens_per_s"]:
+                entry["vs_llama_cpp"] = entry["ours"]["tokens_per_s"] / theirs
+    except SystemExit:
+        raise BenchError("llama.cpp comparison failed (its output is above)") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,30 +709,46 @@ def fmt(x, spec=".3f", missing="–") -> str:
     return missing if x is None else format(x, spec)
 
 
-def shapes_rows(shapes: dict):
+def times(x, spec=".2f") -> str:
+    return fmt(x, spec) + ("×" if x is not None else "")
+
+
+def shapes_rows(shapes: dict, floors: dict, llama_ran: bool):
     header = ["shape", "HF median s", "ours median s", "speed-up (HF/ours)",
-              "HF tok/s", "ours tok/s", "HF tokens", "ours tokens"]
+              "HF tok/s", "ours tok/s", "HF tokens", "ours tokens", "ours × floor",
+              "ours / llama.cpp"]
     rows = []
     for name, e in shapes.items():
         hf, ours = e.get("hf"), e["ours"]
+        if not llama_ran:
+            llama = "not run"
+        elif name not in LLAMA_BATCH_OF_SHAPE:
+            llama = "–"
+        else:
+            llama = times(e.get("vs_llama_cpp"))
         rows.append([name, fmt(hf and hf["median_s"]), fmt(ours["median_s"]),
-                     fmt(e.get("speedup"), ".2f") + ("×" if e.get("speedup") else ""),
+                     times(e.get("speedup")),
                      fmt(hf and hf["tokens_per_s"], ".1f"), fmt(ours["tokens_per_s"], ".1f"),
-                     fmt(hf and hf["generated_tokens"], "d"), str(ours["generated_tokens"])])
+                     fmt(hf and hf["generated_tokens"], "d"), str(ours["generated_tokens"]),
+                     times(floors.get(name, {}).get("ours_x_floor")), llama])
     return header, rows
 
 
 def sweep_rows(levels: list):
     header = ["clients", "requests", "aggregate tok/s", "vs 1 client", "p50 latency s",
-              "p99 latency s", "p50 / lone request", "p50 first token s"]
+              "p99 latency s", "p50 / lone request", "p50 first token s", "floor tok/s",
+              "× floor"]
     rows = []
     for lv in levels:
+        fl = lv.get("floor") or {}
         rows.append([str(lv["clients"]), str(len(lv["requests"])),
                      fmt(lv["aggregate_tokens_per_s"], ".1f"),
-                     fmt(lv["throughput_vs_1_client"], ".2f") + ("×" if lv["throughput_vs_1_client"] else ""),
+                     times(lv["throughput_vs_1_client"]),
                      fmt(lv["p50_latency_s"]), fmt(lv["p99_latency_s"]),
-                     fmt(lv["p50_vs_lone_request"], ".2f") + ("×" if lv["p50_vs_lone_request"] else ""),
-                     fmt(lv.get("p50_first_token_s"))])
+                     times(lv["p50_vs_lone_request"]),
+                     fmt(lv.get("p50_first_token_s")), fmt(fl.get("tokens_per_s"), ".0f"),
+                     times(fl.get("tokens_per_s") and
+                           fl["tokens_per_s"] / lv["aggregate_tokens_per_s"])])
     return header, rows
 
 
@@ -574,8 +805,43 @@ def make_plot(levels: list, hf_tps, png: Path) -> None:
     plt.close(fig)
 
 
+def floors_markdown(probe: dict, sizes: dict, args, floors: dict, shapes: dict) -> list:
+    parts = ["## Machine and floors", "",
+             "`target/release/machine_probe` (benches/src/bin/machine_probe.rs) measured, just "
+             "before the runs:", "", "| | |", "|---|---|"]
+    parts += [f"| {k} | {v} |" for k, v in probe_summary_rows(probe)]
+    peak, peak_key = peak_for(probe, args.dtype)
+    parts += [
+        "",
+        f"Each decode step reads every weight once: {sizes['matmul_params'] / 1e6:.1f} M matmul "
+        f"weights (12 d² per block and the tied LM head) at {WEIGHT_BYTES[args.dtype]:.4g} bytes "
+        f"each for `--dtype {args.dtype}` (f32 4, bf16 2, q8_0 34/32), biases and layer norms in "
+        "f32, plus the KV caches it attends over; and it computes 2 operations per weight per "
+        "row in flight (sequences: 3 default, 5 beam, 1 greedy). So a step takes at least",
+        "",
+        "    floor_step = max((weight bytes + KV bytes) / read bandwidth, "
+        "2 · matmul weights · rows / peak)",
+        "",
+        f"with the read bandwidth of {probe['threads']} threads and, for {args.dtype}, the "
+        f"`{peak_key}` peak ({peak:.0f} G operations/s). A request's floor is the prefill (one pass over the "
+        f"{PROMPT_TOKENS}-token prompt, which yields the first token) plus one floor_step per "
+        "further token of the longest sequence (94 when every sequence reaches max_length 100); "
+        "*passes* counts those forward passes; *ours × floor* is the measured median over "
+        "the floor (1.00× would be the machine's limit). The probe is only as good as the moment "
+        "it ran: on a shared machine it under-measures, and a ratio below 1.00× says it did.",
+        "",
+        md_table(*floor_rows(floors, shapes)),
+        "",
+    ]
+    if any(f["steps_from"] not in ("max_length", "reported") for f in floors.values()):
+        parts += ["\\* some sequences ended at EOS: passes = ceil(generated tokens / returned "
+                  "sequences), the fewest the longest one can have.", ""]
+    return parts
+
+
 def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: dict,
-                   levels, streamed, command: str) -> None:
+                   levels, streamed, command: str, probe: dict, sizes: dict,
+                   floors: dict) -> None:
     m = meta
     parts = [
         "# Performance: gpt2-rs vs Hugging Face transformers (CPU)",
@@ -603,11 +869,11 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
         f"| runs | {args.runs} timed runs per shape after 1 warm-up, median reported |",
         f"| load average at start | {m['loadavg_at_start']} |",
         "",
-        "## Single requests",
-        "",
     ]
+    parts += floors_markdown(probe, sizes, args, floors, shapes)
+    parts += ["## Single requests", ""]
     if shapes:
-        parts += [md_table(*shapes_rows(shapes)), ""]
+        parts += [md_table(*shapes_rows(shapes, floors, args.llama_cpp is not None)), ""]
         parts += ["Shapes (prompt `\"This is an input text\"`, 5 tokens): "
                   + "; ".join(f"`{n}`: {SHAPE_NOTES[n]}" for n in shapes) + "."]
         parts += [
@@ -616,7 +882,11 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "excluded; HF times `model.generate()`, ours `gpt2 bench`); *speed-up* is HF median / "
             "ours median (above 1 means gpt2-rs is faster); *tok/s* is generated tokens (summed "
             "over returned sequences, up to and including EOS) / median; *tokens* is that count. "
-            "Sampled shapes use different random streams in each engine, so token counts may differ.",
+            "Sampled shapes use different random streams in each engine, so token counts may differ. "
+            "*ours × floor*: see Machine and floors above. *ours / llama.cpp* is our tok/s over "
+            "llama.cpp's (`llama-batched-bench`, same checkpoint as GGUF in the same weight "
+            "format, same threads; 3 sequences for default, 1 for greedy, no beam search), "
+            "above 1 means gpt2-rs is faster; *not run* without `--llama-cpp DIR`.",
             "",
         ]
     else:
@@ -644,7 +914,9 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "is that divided by the 1-client value; *p50* / *p99 latency* are client-side request "
             "latencies; *p50 / lone request* is the p50 divided by the 1-client p50; *p50 first "
             "token* is the median time from admission to the first token (`first_token_ms` of the "
-            "server's log lines).",
+            "server's log lines); *floor tok/s* is the aggregate at the floor with every client's 3 "
+            "sequences in each step (floor_step above at 3 × clients rows, 50 positions cached), "
+            "and *× floor* is that over the measured aggregate.",
             "",
         ]
         if streamed:
@@ -674,6 +946,10 @@ def reproduce_command(args) -> str:
     for flag in ("skip_hf", "skip_sweep"):
         if getattr(args, flag):
             extra.append("--" + flag.replace("_", "-"))
+    if args.dtype != "f32" or args.kv_dtype != "f32":
+        extra.append(f"--dtype {args.dtype} --kv-dtype {args.kv_dtype}")
+    if args.llama_cpp is not None:
+        extra.append("--llama-cpp /path/to/llama.cpp")
     return " ".join([cmd] + extra)
 
 
@@ -695,9 +971,14 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="compute threads for each engine")
     ap.add_argument("--model-dir", type=Path, default=REPO_ROOT / "target" / "bench" / "gpt2-124m")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
-    ap.add_argument("--dtype", default="f32", choices=["f32", "q8_0"],
+    ap.add_argument("--probe-only", action="store_true",
+                    help="probe the machine, print the probe and each shape's floor, and stop")
+    ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
+                    help="llama.cpp tree with build/bin/llama-batched-bench (see llama_cpp.py): "
+                         "adds the ours / llama.cpp column")
+    ap.add_argument("--dtype", default="f32", choices=list(WEIGHT_BYTES),
                     help="weight format of gpt2-rs (HF always runs f32)")
-    ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"],
+    ap.add_argument("--kv-dtype", default="f32", choices=list(KV_BYTES),
                     help="KV cache format of gpt2-rs")
     ap.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "performance.md",
                     help="markdown report; the .png and .json go next to it with the same stem")
@@ -721,17 +1002,23 @@ def parse_args(argv=None):
     args.output = args.output.expanduser().resolve()
     args.gpt2_bin = REPO_ROOT / "target" / "release" / "gpt2"
     args.server_bin = REPO_ROOT / "target" / "release" / "gpt2-server"
+    args.probe_bin = REPO_ROOT / "target" / "release" / "machine_probe"
+    if args.llama_cpp is not None:
+        args.llama_cpp = args.llama_cpp.expanduser().resolve()
     return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:  # fail before the long runs, not after
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise BenchError(f"matplotlib is missing from {sys.executable}; "
-                         f"install it: {sys.executable} -m pip install matplotlib") from None
-    if not args.skip_hf:
+    sweep = not (args.probe_only or args.skip_sweep or not args.clients)
+    if sweep:  # the sweep's plot; fail before the long runs, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise BenchError(f"matplotlib is missing from {sys.executable}; "
+                             f"install it: {sys.executable} -m pip install matplotlib "
+                             "(or pass --skip-sweep)") from None
+    if not (args.skip_hf or args.probe_only):
         for pkg in ("torch", "transformers", "safetensors"):
             if pkg_version(pkg) == "not installed":
                 raise BenchError(f"{pkg} is missing from {sys.executable} (needed for the HF "
@@ -740,10 +1027,29 @@ def main(argv=None) -> int:
 
     if not args.no_build:
         build(args)
-    for b in (args.gpt2_bin, args.server_bin):
-        if not b.is_file():
-            raise BenchError(f"{b} does not exist; build it (drop --no-build)")
-    ensure_checkpoint(args.model_dir)
+    if not args.probe_only:
+        for b in (args.gpt2_bin, args.server_bin):
+            if not b.is_file():
+                raise BenchError(f"{b} does not exist; build it (drop --no-build)")
+        if args.llama_cpp is not None and not llama_bench(args).is_file():
+            raise BenchError(f"{llama_bench(args)} does not exist (build llama.cpp as "
+                             "benches/compare/llama_cpp.py --help says, or drop --llama-cpp)")
+    if args.probe_only and not (args.model_dir / "config.json").is_file():
+        raise BenchError(f"{args.model_dir / 'config.json'} is missing (the floors need the "
+                         "model's shape; run once without --probe-only to create the checkpoint)")
+    if not args.probe_only:
+        ensure_checkpoint(args.model_dir)
+
+    # The probe runs first, on an idle machine, before either engine has loaded anything.
+    probe = run_probe(args)
+    sizes = model_sizes(args.model_dir)
+    log(f"{probe.get('cpu_model')}: read {probe['read_gbs']:.1f} GB/s, f32 FMA "
+        f"{probe['f32_fma_gflops']:.0f} GFLOP/s, int8 {probe.get('int8_vnni_gops')} GOPS, "
+        f"bf16 {probe.get('bf16_dot_gflops')} GFLOP/s ({probe.get('probe_s')} s)")
+    if args.probe_only:
+        floors = {name: request_floor(probe, sizes, args, name) for name in args.shapes}
+        print_probe_and_floors(probe, sizes, args, floors, {})
+        return 0
 
     meta = machine_info(args)
     log(f"{meta['cpu']}, {meta['usable_cpus']} usable CPUs, threads={args.threads}, "
@@ -751,7 +1057,13 @@ def main(argv=None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="gpt2-bench-") as tmp:
         shapes = run_shapes(args, Path(tmp)) if args.shapes else {}
-    levels, streamed = ([], None) if args.skip_sweep or not args.clients else run_sweep(args)
+    if args.llama_cpp is not None and shapes:
+        run_llama_cpp(args, shapes)
+    floors = {name: request_floor(probe, sizes, args, name, shapes.get(name, {}).get("ours"))
+              for name in args.shapes}
+    levels, streamed = run_sweep(args) if sweep else ([], None)
+    for lv in levels:
+        lv["floor"] = sweep_floor(probe, sizes, args, lv["clients"])
 
     out_md = args.output
     out_png = out_md.with_suffix(".png")
@@ -759,9 +1071,10 @@ def main(argv=None) -> int:
     out_md.parent.mkdir(parents=True, exist_ok=True)
 
     print()
+    print_probe_and_floors(probe, sizes, args, floors, shapes)
     if shapes:
         print(f"Single requests ({args.threads} threads, median of {args.runs} runs)")
-        print(text_table(*shapes_rows(shapes)))
+        print(text_table(*shapes_rows(shapes, floors, args.llama_cpp is not None)))
         print()
     if levels:
         print("Concurrency sweep (gpt2-server, default request)")
@@ -776,13 +1089,15 @@ def main(argv=None) -> int:
     command = reproduce_command(args)
     raw = {"meta": meta, "command": command,
            "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "probe": probe, "model_sizes": sizes, "floors": floors,
            "shapes": shapes,
            "sweep": {"levels": levels, "hf_default_1_client_tokens_per_s": hf_default_tps(shapes),
                      "streamed_default_request": streamed}}
     out_json.write_text(json.dumps(raw, indent=2) + "\n")
     if levels:
         make_plot(levels, hf_default_tps(shapes), out_png)
-    write_markdown(out_md, out_png, out_json, meta, args, shapes, levels, streamed, command)
+    write_markdown(out_md, out_png, out_json, meta, args, shapes, levels, streamed, command,
+                   probe, sizes, floors)
     log(f"wrote {out_md}, {out_json}" + (f", {out_png}" if levels else ""))
     return 0
 
