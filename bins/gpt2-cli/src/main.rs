@@ -121,7 +121,7 @@ fn hub_failure(error: gpt2_hub::HubError) -> Failure {
 /// How the model stores its weights and caches.
 #[derive(Args, Clone, Copy)]
 struct StorageArgs {
-    /// Weight storage: f32 (exact) or q8_0 (8-bit, faster, small logit drift).
+    /// Weight storage: f32 (exact), bf16 (half the bytes, smaller drift) or q8_0 (8-bit, fastest).
     #[arg(long, default_value = "f32", value_parser = parse_weight_format)]
     dtype: WeightFormat,
     /// KV cache storage: f32 (exact) or f16 (half the cache memory, small logit drift).
@@ -374,9 +374,7 @@ fn prepare(
         );
     }
     Ok((
-        Pipeline::from_source(&source)?
-            .with_weight_format(storage.dtype)?
-            .with_kv_format(storage.kv_dtype),
+        Pipeline::from_source_with_format(&source, storage.dtype)?.with_kv_format(storage.kv_dtype),
         request,
     ))
 }

@@ -161,6 +161,26 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=(1 << 30))
     )]
     pub kv_budget_mb: Option<u64>,
+    /// Prompt tokens prefilled between two decode steps (64-8192): a longer prompt is prefilled
+    /// in chunks of this size (a multiple of 64), so running streams wait at most one chunk.
+    #[arg(
+        long,
+        env = "GPT2_PREFILL_CHUNK_TOKENS",
+        value_name = "TOKENS",
+        default_value_t = 256,
+        value_parser = clap::value_parser!(u64).range(64..=8192)
+    )]
+    pub prefill_chunk_tokens: u64,
+    /// Most sequence rows (sequences or beams) in one decode step (1-4096); requests beyond wait
+    /// in arrival order.
+    #[arg(
+        long,
+        env = "GPT2_MAX_BATCH_ROWS",
+        value_name = "ROWS",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u64).range(1..=4096)
+    )]
+    pub max_batch_rows: u64,
     /// Largest num_return_sequences a request may ask for.
     #[arg(
         long,
@@ -179,8 +199,8 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_REQUEST_LIMIT)
     )]
     pub max_num_beams: u64,
-    /// How the linear layers' weights are stored: f32 (exact) or q8_0 (8-bit, faster, small
-    /// logit drift).
+    /// How the linear layers' weights are stored: f32 (exact), bf16 (half the bytes, smaller
+    /// logit drift) or q8_0 (8-bit, fastest, small logit drift).
     #[arg(long, env = "GPT2_DTYPE", default_value = "f32", value_parser = parse_weight_format)]
     pub dtype: WeightFormat,
     /// How the KV caches store keys and values: f32 (exact) or f16 (half the cache memory, small
@@ -403,6 +423,8 @@ impl ServerArgs {
             queue_capacity: self.queue_capacity as usize,
             deadline: Duration::from_secs(self.deadline_secs()),
             kv_budget_bytes,
+            prefill_chunk_tokens: self.prefill_chunk_tokens as usize,
+            max_batch_rows: self.max_batch_rows as usize,
         }
     }
 }

@@ -82,13 +82,12 @@ async fn run(args: ServerArgs) -> Result<(), String> {
             );
         }
         let source = ServerArgs::model_source(spec.as_ref(), &hub_options)?;
-        Pipeline::from_source(&source).map_err(|e| format!("cannot load the model: {e}"))
+        Pipeline::from_source_with_format(&source, args.dtype)
+            .map_err(|e| format!("cannot load the model as {:?}: {e}", args.dtype))
     })
     .await
     .map_err(|e| format!("model loading panicked: {e}"))??;
     let pipeline = pipeline
-        .with_weight_format(args.dtype)
-        .map_err(|e| format!("cannot convert the weights to {:?}: {e}", args.dtype))?
         .with_kv_format(args.kv_dtype)
         .with_limits(args.limits());
     info!(
@@ -135,6 +134,8 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         deadline_secs = args.deadline_secs(),
         shutdown_grace_secs = args.shutdown_grace_secs,
         max_connections = args.max_connections,
+        prefill_chunk_tokens = args.prefill_chunk_tokens,
+        max_batch_rows = args.max_batch_rows,
         open_files = open_files.unwrap_or(0),
         "listening"
     );

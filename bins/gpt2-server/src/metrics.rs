@@ -101,6 +101,10 @@ pub fn install(build: &BuildInfo, model_load: Duration) -> Result<PrometheusHand
         "Sequence rows in the running batch at the last decode step."
     );
     describe_gauge!(
+        "gpt2_waiting_requests",
+        "Admitted requests waiting for room in the batch (--max-batch-rows) or for their prefill."
+    );
+    describe_gauge!(
         "gpt2_kv_cache_reserved_bytes",
         Unit::Bytes,
         "KV-cache bytes the admitted requests reserved."

@@ -20,7 +20,7 @@ const JSON: [(&str, &str); 1] = [("Content-Type", "application/json")];
 
 /// Every variable the server reads for its configuration; removed from each child's environment
 /// so that the test runner's own environment cannot leak in.
-const CONFIG_VARIABLES: [&str; 14] = [
+const CONFIG_VARIABLES: [&str; 16] = [
     "GPT2_MODEL_DIR",
     "GPT2_HOST",
     "GPT2_PORT",
@@ -32,6 +32,8 @@ const CONFIG_VARIABLES: [&str; 14] = [
     "GPT2_DTYPE",
     "GPT2_KV_DTYPE",
     "GPT2_LOG_FORMAT",
+    "GPT2_PREFILL_CHUNK_TOKENS",
+    "GPT2_MAX_BATCH_ROWS",
     "SAGEMAKER_BIND_TO_PORT",
     "SAGEMAKER_MODEL_SERVER_TIMEOUT",
     "SAGEMAKER_MODEL_SERVER_WORKERS",
@@ -260,6 +262,10 @@ fn every_numeric_flag_is_bounded() {
         ("--max-num-beams", "0", "1..=1024"),
         ("--max-num-beams", "1025", "1..=1024"),
         ("--port", "65536", "0..=65535"),
+        ("--prefill-chunk-tokens", "63", "64..=8192"),
+        ("--prefill-chunk-tokens", "8193", "64..=8192"),
+        ("--max-batch-rows", "0", "1..=4096"),
+        ("--max-batch-rows", "4097", "1..=4096"),
     ] {
         let args: Vec<&str> = [flag, value, "--model", "/nonexistent/model"]
             .into_iter()
@@ -310,6 +316,8 @@ fn every_option_can_come_from_the_environment() {
             ("GPT2_SHUTDOWN_GRACE_SECS", "3"),
             ("GPT2_MAX_NUM_RETURN_SEQUENCES", "2"),
             ("GPT2_MAX_NUM_BEAMS", "3"),
+            ("GPT2_PREFILL_CHUNK_TOKENS", "128"),
+            ("GPT2_MAX_BATCH_ROWS", "5"),
         ],
     );
     assert_eq!(server.port, port);
@@ -327,6 +335,8 @@ fn every_option_can_come_from_the_environment() {
     assert_eq!(listening["queue_capacity"], 7, "{listening}");
     assert_eq!(listening["deadline_secs"], 42, "{listening}");
     assert_eq!(listening["shutdown_grace_secs"], 3, "{listening}");
+    assert_eq!(listening["prefill_chunk_tokens"], 128, "{listening}");
+    assert_eq!(listening["max_batch_rows"], 5, "{listening}");
     assert_eq!(max_concurrent_transforms(&server), 7);
     let too_many = server.invoke(r#"{"input": "Hi", "num_return_sequences": 3}"#);
     assert_eq!(too_many.status, 422, "{too_many:?}");

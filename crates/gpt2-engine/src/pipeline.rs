@@ -70,6 +70,28 @@ impl Pipeline {
         }
     }
 
+    /// [`Pipeline::from_source`] with the weights in `format`: a directory's tensors are
+    /// converted as they are read (bf16), so the f32 weights never all sit in memory and startup
+    /// skips a pass over them.
+    pub fn from_source_with_format(
+        source: &ModelSource,
+        format: WeightFormat,
+    ) -> Result<Self, EngineError> {
+        match source {
+            ModelSource::Directory(dir) => {
+                let model = Gpt2Model::load_with_weight_format(dir, &Device::Cpu, format)?;
+                let tokenizer = Gpt2Tokenizer::from_model_dir(dir)?;
+                Ok(Self {
+                    model,
+                    tokenizer,
+                    limits: Limits::default(),
+                    source: source.clone(),
+                })
+            }
+            ModelSource::Demo => Self::from_source(source)?.with_weight_format(format),
+        }
+    }
+
     /// Loads what [`ModelSource::resolve`] picks; logs a warning when that is the demo model.
     pub fn from_source(source: &ModelSource) -> Result<Self, EngineError> {
         match source {

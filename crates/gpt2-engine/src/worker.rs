@@ -15,9 +15,9 @@ use futures_core::Stream;
 use gpt2_schema::GenerationRequest;
 use tokio::sync::{mpsc as channel, OwnedSemaphorePermit, Semaphore};
 
-use crate::events::{Collector, EventBuilder, GenerationEvent};
+use crate::events::{Collector, GenerationEvent};
 use crate::prepare::Preparer;
-use crate::{Decoding, EngineError, GenerationOutput, Pipeline};
+use crate::{EngineError, GenerationOutput, Pipeline};
 
 /// How the worker admits and bounds requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,6 +30,15 @@ pub struct EngineConfig {
     /// Each request reserves what its sequences can grow to at admission; one that can never fit
     /// is refused with a field error, one that cannot fit now waits (within its deadline).
     pub kv_budget_bytes: usize,
+    /// Prompt tokens prefilled between two decode steps (default 256). A longer prompt is
+    /// prefilled in chunks of this size (rounded down to a multiple of 64, which computes exactly
+    /// the bits of a one-shot prefill), so the running streams wait at most one chunk's worth
+    /// of work for it.
+    pub prefill_chunk_tokens: usize,
+    /// Most sequence rows (sequences or beams) in one decode step (default 64). A request whose
+    /// rows would go beyond waits, in arrival order, until running ones finish; one request alone
+    /// always runs whatever its size.
+    pub max_batch_rows: usize,
 }
 
 impl Default for EngineConfig {
@@ -38,6 +47,8 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             deadline: Duration::from_secs(60),
             kv_budget_bytes: usize::MAX,
+            prefill_chunk_tokens: 256,
+            max_batch_rows: 64,
         }
     }
 }
@@ -76,7 +87,7 @@ pub struct Completed {
 }
 
 /// What the worker tells a request's stream.
-enum WorkerMessage {
+pub(crate) enum WorkerMessage {
     /// The worker took the request: its prefill starts now.
     Started {
         queued: Duration,
@@ -89,20 +100,20 @@ enum WorkerMessage {
     Failed(EngineError),
 }
 
-struct Job {
-    request: GenerationRequest,
+pub(crate) struct Job {
+    pub(crate) request: GenerationRequest,
     /// The prompt's ids and the generation parameters, prepared before admission.
-    prompt: Vec<u32>,
-    params: gpt2_generation::GenerationParams,
-    cancelled: Arc<AtomicBool>,
-    deadline: Instant,
-    admitted: Instant,
+    pub(crate) prompt: Vec<u32>,
+    pub(crate) params: gpt2_generation::GenerationParams,
+    pub(crate) cancelled: Arc<AtomicBool>,
+    pub(crate) deadline: Instant,
+    pub(crate) admitted: Instant,
     events: channel::UnboundedSender<WorkerMessage>,
 }
 
 impl Job {
     /// Sends to the request's stream; a stream that is gone was cancelled by its drop already.
-    fn send(&self, message: WorkerMessage) {
+    pub(crate) fn send(&self, message: WorkerMessage) {
         let _ = self.events.send(message);
     }
 }
@@ -147,6 +158,10 @@ pub struct EngineStats {
     pub decode_steps: std::sync::atomic::AtomicU64,
     /// Sequence rows summed over decode steps (rows / steps is the mean batch).
     pub decode_rows: std::sync::atomic::AtomicU64,
+    /// The most prompt tokens prefilled between two decode steps while other requests were
+    /// decoding: how long a running stream waited for prefill work, in tokens (bounded by
+    /// [`EngineConfig::prefill_chunk_tokens`], plus at most one short last chunk).
+    pub max_prefill_stall_tokens: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {
@@ -157,6 +172,7 @@ impl Engine {
         config: EngineConfig,
     ) -> std::io::Result<(Self, JoinHandle<()>)> {
         let (jobs, queue) = mpsc::channel::<Job>();
+        let schedule = crate::scheduler::Schedule::from_config(&config);
         let preparer = Preparer::new(pipeline.tokenizer(), pipeline.model().config());
         let kv_bytes_per_position = pipeline.model().kv_cache_bytes(1, 1);
         let kv_budget_units = (config.kv_budget_bytes / KV_BUDGET_UNIT).min(Semaphore::MAX_PERMITS);
@@ -168,7 +184,7 @@ impl Engine {
             .name("gpt2-inference".into())
             .spawn(move || {
                 let _alive = guard;
-                serve_jobs(&pipeline, &queue, &worker_stats)
+                crate::scheduler::serve_jobs(&pipeline, &queue, &worker_stats, &schedule)
             })?;
         let engine = Self {
             jobs,
@@ -466,217 +482,6 @@ impl Stream for EngineStream {
         }
         Poll::Pending
     }
-}
-
-/// Requests admitted into the running batch per decode step: each admission runs a prefill,
-/// and the sequences already decoding wait for it.
-const ADMISSIONS_PER_STEP: usize = 2;
-
-/// A request whose sequences are in the running batch.
-struct Running<'p> {
-    job: Job,
-    decoding: Decoding,
-    events: EventBuilder<'p>,
-}
-
-impl Running<'_> {
-    /// Sends the events of the request's last advance and, when it is done, its sequences' ends
-    /// and the end of its stream; keeps it in `still_running` otherwise.
-    fn publish(self, still_running: &mut Vec<Self>) {
-        let Running {
-            job,
-            decoding,
-            mut events,
-        } = self;
-        let mut out = Vec::new();
-        let mut decoding = decoding;
-        let mut result = events
-            .on_emitted(decoding.emitted(), &mut out)
-            .and_then(|stopped| decoding.end_sequences(&stopped));
-        let done = decoding.is_done();
-        let mut decoding = Some(decoding);
-        if done && result.is_ok() {
-            if let Some(finished) = decoding.take() {
-                let eos = finished.eos_token_id();
-                result = events.on_outputs(finished.into_outputs(), eos, &mut out);
-            }
-        }
-        if !out.is_empty() {
-            job.send(WorkerMessage::Events(out));
-        }
-        match (result, decoding) {
-            (Err(e), _) => job.send(WorkerMessage::Failed(e)),
-            (Ok(()), Some(decoding)) if !done => still_running.push(Running {
-                job,
-                decoding,
-                events,
-            }),
-            (Ok(()), _) => job.send(WorkerMessage::Finished),
-        }
-    }
-}
-
-/// Continuous batching: every decode step runs the pending tokens of all running requests
-/// together, so each weight is read once per step for all of them; new requests join between
-/// steps (after their own prefill) and finished ones leave at once.
-fn serve_jobs(pipeline: &Pipeline, queue: &mpsc::Receiver<Job>, stats: &EngineStats) {
-    let mut running: Vec<Running<'_>> = Vec::new();
-    let mut queue_open = true;
-    loop {
-        let mut admitted = 0;
-        while queue_open && admitted < ADMISSIONS_PER_STEP {
-            let job = if running.is_empty() && admitted == 0 {
-                match queue.recv() {
-                    Ok(job) => job,
-                    Err(_) => return, // every handle is gone and nothing runs
-                }
-            } else {
-                match queue.try_recv() {
-                    Ok(job) => job,
-                    Err(mpsc::TryRecvError::Empty) => break,
-                    Err(mpsc::TryRecvError::Disconnected) => {
-                        queue_open = false;
-                        break;
-                    }
-                }
-            };
-            if job.cancelled.load(Ordering::Relaxed) {
-                continue; // its client is gone: the place was already freed
-            }
-            let started = Instant::now();
-            if started >= job.deadline {
-                job.send(WorkerMessage::Failed(EngineError::DeadlineExceeded));
-                continue;
-            }
-            admitted += 1;
-            if let Some(request) = start(pipeline, job, started) {
-                request.publish(&mut running);
-            }
-        }
-        if running.is_empty() {
-            if queue_open {
-                continue;
-            }
-            return;
-        }
-        let now = Instant::now();
-        running.retain(|r| {
-            if r.job.cancelled.load(Ordering::Relaxed) {
-                return false; // the client went away: stop its generation
-            }
-            if now >= r.job.deadline {
-                r.job
-                    .send(WorkerMessage::Failed(EngineError::DeadlineExceeded));
-                return false;
-            }
-            true
-        });
-        if running.is_empty() {
-            continue;
-        }
-        let rows: usize = running
-            .iter()
-            .map(|r| r.decoding.pending_tokens().len())
-            .sum();
-        stats.decode_steps.fetch_add(1, Ordering::Relaxed);
-        stats.decode_rows.fetch_add(rows as u64, Ordering::Relaxed);
-        metrics::gauge!("gpt2_running_requests").set(running.len() as f64);
-        metrics::gauge!("gpt2_running_sequences").set(rows as f64);
-        metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
-        let stepped = Instant::now();
-        step(pipeline, &mut running);
-        metrics::histogram!("gpt2_decode_step_duration_seconds")
-            .record(stepped.elapsed().as_secs_f64());
-        if running.is_empty() {
-            metrics::gauge!("gpt2_running_requests").set(0.0);
-            metrics::gauge!("gpt2_running_sequences").set(0.0);
-        }
-    }
-}
-
-/// Prefills a job's prompt, telling its stream that it started, or why it failed.
-fn start(pipeline: &Pipeline, mut job: Job, started: Instant) -> Option<Running<'_>> {
-    let prompt = std::mem::take(&mut job.prompt);
-    job.send(WorkerMessage::Started {
-        queued: started - job.admitted,
-        prompt_tokens: prompt.len(),
-    });
-    let prefill = Instant::now();
-    let started_decoding = Decoding::start_scoring(
-        pipeline.model(),
-        &prompt,
-        job.params.clone(),
-        job.request.prompt_logprobs(),
-    );
-    metrics::histogram!("gpt2_prefill_duration_seconds").record(prefill.elapsed().as_secs_f64());
-    let built = started_decoding.and_then(|mut decoding| {
-        let shape = crate::prepare::answer_shape(pipeline.tokenizer(), &job.request, &job.params)?;
-        let events = EventBuilder::new(
-            pipeline.tokenizer(),
-            shape,
-            job.request.num_return_sequences(),
-        );
-        let mut out = Vec::new();
-        if let Some(scores) = decoding.take_prompt_scores() {
-            events.on_prompt(&prompt, &scores, &mut out)?;
-        }
-        Ok((decoding, events, out))
-    });
-    let (decoding, events) = match built {
-        Ok((decoding, events, out)) => {
-            if !out.is_empty() {
-                job.send(WorkerMessage::Events(out));
-            }
-            (decoding, events)
-        }
-        Err(e) => {
-            job.send(WorkerMessage::Failed(e));
-            return None;
-        }
-    };
-    Some(Running {
-        job,
-        decoding,
-        events,
-    })
-}
-
-/// One decode step for every running request; publishes their events.
-fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
-    let vocab = pipeline.model().config().vocab_size;
-    let tokens: Vec<u32> = running
-        .iter()
-        .flat_map(|r| r.decoding.pending_tokens().iter().copied())
-        .collect();
-    let counts: Vec<usize> = running
-        .iter()
-        .map(|r| r.decoding.pending_tokens().len())
-        .collect();
-    let mut caches: Vec<&mut gpt2_model::KvCache> =
-        running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
-    let logits = match pipeline.model().forward_step(&tokens, &mut caches) {
-        Ok(logits) => logits,
-        Err(e) => {
-            tracing::error!("decode step failed: {e}");
-            let e = Arc::new(e);
-            for r in running.drain(..) {
-                r.job
-                    .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
-            }
-            return;
-        }
-    };
-    let mut offset = 0;
-    let mut still_running = Vec::with_capacity(running.len());
-    for (mut request, count) in running.drain(..).zip(counts) {
-        let rows = &logits[offset * vocab..(offset + count) * vocab];
-        offset += count;
-        match request.decoding.advance(rows) {
-            Err(e) => request.job.send(WorkerMessage::Failed(e)),
-            Ok(()) => request.publish(&mut still_running),
-        }
-    }
-    *running = still_running;
 }
 
 #[cfg(test)]

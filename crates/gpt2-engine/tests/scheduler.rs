@@ -1,0 +1,119 @@
+//! The worker's budgets, through the public engine: long prompts prefilled in chunks between
+//! decode steps (without changing any answer), and the row budget of a decode step.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+
+use futures_core::Stream;
+use gpt2_engine::{
+    Engine, EngineConfig, EngineStream, GenerationEvent, GenerationRequest, Mode, Pipeline,
+    SubmitError,
+};
+
+async fn next_event(stream: &mut EngineStream) -> Option<Result<GenerationEvent, SubmitError>> {
+    std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+fn long_prompt() -> String {
+    "The quick brown fox jumps over the lazy dog. ".repeat(60)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_prompt_is_prefilled_between_the_steps_of_running_streams() {
+    let config = EngineConfig {
+        prefill_chunk_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
+    let short = GenerationRequest::builder("Once")
+        .mode(Mode::Greedy)
+        .max_new_tokens(300)
+        .num_return_sequences(1)
+        .build()
+        .unwrap();
+    let mut running = engine.stream(short).await.unwrap();
+    // The short stream is decoding.
+    assert!(matches!(
+        next_event(&mut running).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
+    let long = GenerationRequest::builder(long_prompt())
+        .mode(Mode::Greedy)
+        .max_new_tokens(5)
+        .num_return_sequences(1)
+        .build()
+        .unwrap();
+    let prompt_tokens = Pipeline::demo()
+        .tokenizer()
+        .encode(&long_prompt())
+        .unwrap()
+        .len();
+    assert!(prompt_tokens >= 600, "{prompt_tokens}");
+    let mut waiting = engine.stream(long).await.unwrap();
+    assert!(matches!(
+        next_event(&mut waiting).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
+    // The running stream waited for at most one 64-token chunk (plus a short last one merged
+    // into it) at a time, not for the whole prompt.
+    let stall = engine
+        .stats()
+        .max_prefill_stall_tokens
+        .load(Ordering::Relaxed);
+    assert!(
+        (64..128).contains(&stall),
+        "the running stream waited for {stall} prompt tokens at once ({prompt_tokens} in all)"
+    );
+    // And it is still decoding.
+    assert!(matches!(
+        next_event(&mut running).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_prefill_and_a_row_budget_change_no_answer() {
+    let config = EngineConfig {
+        prefill_chunk_tokens: 64,
+        max_batch_rows: 4,
+        ..EngineConfig::default()
+    };
+    let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
+    let pipeline = Pipeline::demo();
+    let requests: Vec<GenerationRequest> = (0..5u64)
+        .map(|i| {
+            let input = if i == 2 {
+                long_prompt()
+            } else {
+                format!("Request {i}")
+            };
+            GenerationRequest::builder(input)
+                .mode(Mode::Sample)
+                .seed(i)
+                .max_new_tokens(12)
+                .num_return_sequences(3)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let lone: Vec<Vec<String>> = requests
+        .iter()
+        .map(|r| pipeline.generate(r).unwrap())
+        .collect();
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.generate(r).await })
+        })
+        .collect();
+    for (handle, expected) in handles.into_iter().zip(&lone) {
+        let completed = handle.await.unwrap().unwrap();
+        assert_eq!(&completed.output.texts, expected);
+    }
+    let stats = engine.stats();
+    let steps = stats.decode_steps.load(Ordering::Relaxed);
+    let rows = stats.decode_rows.load(Ordering::Relaxed);
+    // Each request has 3 rows and the budget is 4: one request decodes at a time.
+    assert!(rows <= steps * 3, "{rows} rows in {steps} steps");
+}
