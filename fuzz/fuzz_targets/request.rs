@@ -40,17 +40,29 @@ fuzz_target!(|data: &[u8]| {
     // The builder validates exactly as the JSON path does: the request's own fields rebuild it.
     let mut builder = GenerationRequest::builder(request.input())
         .mode(request.mode())
-        .max_length(request.max_length())
         .top_p(request.top_p())
         .top_k(request.top_k())
         .temperature(request.temperature())
         .num_beams(request.num_beams())
         .no_repeat_ngram_size(request.no_repeat_ngram_size())
         .num_return_sequences(request.num_return_sequences())
-        .stream(request.stream());
-    if let Some(new) = request.max_new_tokens() {
-        builder = builder.max_new_tokens(new);
-    }
+        .stream(request.stream())
+        .stop(request.stop().to_vec())
+        .repetition_penalty(request.repetition_penalty())
+        .presence_penalty(request.presence_penalty())
+        .frequency_penalty(request.frequency_penalty())
+        .logit_bias(request.logit_bias().iter().copied())
+        .min_new_tokens(request.min_new_tokens())
+        .ignore_eos(request.ignore_eos())
+        .top_logprobs(request.top_logprobs())
+        .prompt_logprobs(request.prompt_logprobs())
+        .return_full_text(request.return_full_text())
+        .details(request.details());
+    // max_length and max_new_tokens exclude each other.
+    builder = match request.max_new_tokens() {
+        Some(new) => builder.max_new_tokens(new),
+        None => builder.max_length(request.max_length()),
+    };
     if let Some(seed) = request.seed() {
         builder = builder.seed(seed);
     }

@@ -760,12 +760,20 @@ impl GenerationRequest {
             self.logit_bias = entries
                 .iter()
                 .map(|(key, bias)| {
-                    let token = key.parse::<u32>().map_err(|_| {
-                        RequestError::invalid(
-                            "logit_bias",
-                            format!("keys must be token ids (integers as strings), got {key:?}"),
-                        )
-                    })?;
+                    // Canonical decimal only ("7", not "07" or "+7"), so that no two keys name the
+                    // same token.
+                    let token = key
+                        .parse::<u32>()
+                        .ok()
+                        .filter(|token| token.to_string() == *key)
+                        .ok_or_else(|| {
+                            RequestError::invalid(
+                                "logit_bias",
+                                format!(
+                                    "keys must be token ids (integers as strings, such as \"50256\"), got {key:?}"
+                                ),
+                            )
+                        })?;
                     Ok((token, ranged("logit_bias", bias, -100.0, 100.0)?))
                 })
                 .collect::<Result<_, RequestError>>()?;

@@ -410,6 +410,8 @@ fn bad_controls_name_their_field() {
         ),
         (r#"{"input":"x","logit_bias":[1]}"#, "logit_bias"),
         (r#"{"input":"x","logit_bias":{"a":1}}"#, "logit_bias"),
+        (r#"{"input":"x","logit_bias":{"07":1}}"#, "logit_bias"),
+        (r#"{"input":"x","logit_bias":{"+7":1}}"#, "logit_bias"),
         (r#"{"input":"x","logit_bias":{"1":101}}"#, "logit_bias"),
         (r#"{"input":"x","min_new_tokens":-1}"#, "min_new_tokens"),
         (r#"{"input":"x","ignore_eos":1}"#, "ignore_eos"),

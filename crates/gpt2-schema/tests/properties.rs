@@ -165,7 +165,18 @@ fn rebuild(
         .num_beams(request.num_beams())
         .no_repeat_ngram_size(request.no_repeat_ngram_size())
         .num_return_sequences(request.num_return_sequences())
-        .stream(request.stream());
+        .stream(request.stream())
+        .stop(request.stop().to_vec())
+        .repetition_penalty(request.repetition_penalty())
+        .presence_penalty(request.presence_penalty())
+        .frequency_penalty(request.frequency_penalty())
+        .logit_bias(request.logit_bias().iter().copied())
+        .min_new_tokens(request.min_new_tokens())
+        .ignore_eos(request.ignore_eos())
+        .top_logprobs(request.top_logprobs())
+        .prompt_logprobs(request.prompt_logprobs())
+        .return_full_text(request.return_full_text())
+        .details(request.details());
     builder = match request.max_new_tokens() {
         Some(new) => builder.max_new_tokens(new),
         None => builder.max_length(request.max_length()),
