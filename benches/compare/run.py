@@ -418,6 +418,7 @@ class Server:
         cmd = [str(args.server_bin), "--model", str(args.model_dir), "--host", "127.0.0.1",
                "--port", str(self.port), "--queue-capacity", "512", "--deadline-secs", "3600",
                "--log-format", "json", "--dtype", args.dtype, "--kv-dtype", args.kv_dtype]
+        cmd += args.server_args.split()
         self.cmd = " ".join(cmd)
         env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
         env.pop("RUST_LOG", None)  # the invocation lines are logged at info
@@ -971,6 +972,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="compute threads for each engine")
     ap.add_argument("--model-dir", type=Path, default=REPO_ROOT / "target" / "bench" / "gpt2-124m")
     ap.add_argument("--no-build", action="store_true", help="do not run cargo build")
+    ap.add_argument("--server-args", default="", metavar="ARGS",
+                    help="extra gpt2-server flags for the sweep, e.g. \"--max-batch-rows 4096\"")
     ap.add_argument("--probe-only", action="store_true",
                     help="probe the machine, print the probe and each shape's floor, and stop")
     ap.add_argument("--llama-cpp", type=Path, default=None, metavar="DIR",
