@@ -73,6 +73,9 @@ impl Conv1D {
                 &[n_in, n_out],
                 bf16::Source::InOut,
             )?))
+        } else if weights.format() == WeightFormat::Q8_0 && n_in.is_multiple_of(q8_0::BLOCK) {
+            // Quantized from the checkpoint one matrix at a time (no f32 copy kept).
+            Weight::Q8(std::sync::Arc::new(weights.take_q8(&name, &[n_in, n_out])?))
         } else {
             Weight::Dense(weights.take_huge(&name, &[n_in, n_out], true)?)
         };

@@ -28,9 +28,11 @@ impl Gpt2Model {
         Self::load_with_weight_format(dir, device, WeightFormat::F32)
     }
 
-    /// [`Self::load`] then [`Self::with_weight_format`], except that bf16 converts each tensor
-    /// straight from the checkpoint as it is read, so the f32 weights never all sit in memory:
-    /// loading peaks near the bf16 model's size, and skips a pass over the f32 copy.
+    /// [`Self::load`] then [`Self::with_weight_format`], except that bf16 and q8_0 convert each
+    /// tensor straight from the checkpoint as it is read, so the f32 weights never all sit in
+    /// memory: loading peaks near the converted model's size, and skips a pass over an f32 copy.
+    /// (q8_0 keeps the token embeddings in f32 for the lookups; its tied LM head is quantized
+    /// from them.)
     pub fn load_with_weight_format(
         dir: impl AsRef<Path>,
         device: &Device,
@@ -39,8 +41,8 @@ impl Gpt2Model {
         let dir = dir.as_ref();
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::find(dir)?;
-        let streamed = if format == WeightFormat::Bf16 && matches!(device, Device::Cpu) {
-            WeightFormat::Bf16
+        let streamed = if format != WeightFormat::F32 && matches!(device, Device::Cpu) {
+            format
         } else {
             WeightFormat::F32
         };
@@ -149,6 +151,11 @@ impl Gpt2Model {
                 head
             }
         };
+        let mut lm_head = lm_head;
+        if streamed == WeightFormat::Q8_0 {
+            // The tied head is quantized from the f32 embeddings the lookups keep.
+            lm_head.quantize_q8()?;
+        }
         if cfg.tie_word_embeddings && weights.contains("lm_head.weight") {
             tracing::debug!("lm_head.weight ignored: tie_word_embeddings shares wte");
         }

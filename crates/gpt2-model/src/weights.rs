@@ -334,6 +334,37 @@ impl NamedTensors {
         )
     }
 
+    /// Takes the checkpoint's `(in, out)` matrix `name` (of shape `shape`) quantized as q8_0 in
+    /// the `(out, in)` layout, converting from the mapping one matrix at a time: the f32 weights
+    /// never all sit in memory, and no huge-page f32 copy is made only to be quantized.
+    pub(crate) fn take_q8(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<crate::kernels::q8_0::Q8Matrix, ModelError> {
+        use crate::kernels::q8_0::Q8Matrix;
+        let (n_in, n_out) = (shape[0], shape[1]);
+        let quantize_transposed = |data: &[f32]| {
+            let mut out_in = vec![0.0f32; data.len()];
+            for (i, row) in data.chunks_exact(n_out).enumerate() {
+                for (o, &w) in row.iter().enumerate() {
+                    out_in[o * n_in + i] = w;
+                }
+            }
+            Q8Matrix::quantize(&out_in, n_out, n_in)
+        };
+        self.take_with(
+            name,
+            shape,
+            |data, _| Ok(quantize_transposed(data)),
+            |tensor| {
+                Ok(quantize_transposed(
+                    &tensor.flatten_all()?.to_vec1::<f32>()?,
+                ))
+            },
+        )
+    }
+
     fn take_with<T>(
         &mut self,
         name: &str,

@@ -171,6 +171,26 @@ fn bf16_logits_drift_less_than_q8_0() {
 }
 
 #[test]
+fn q8_0_loaded_straight_equals_q8_0_converted_after_loading() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
+    for name in ["tiny-safetensors", "tiny-bare-bin", "tiny-sharded"] {
+        let straight =
+            Gpt2Model::load_with_weight_format(dir.join(name), &Device::Cpu, WeightFormat::Q8_0)
+                .unwrap();
+        assert_eq!(straight.weight_format(), WeightFormat::Q8_0);
+        let converted = load(name).with_weight_format(WeightFormat::Q8_0).unwrap();
+        let prompt = [5u32, 17, 300, 2, 9];
+        let a = prefill_and_steps(&straight, &prompt, &[4, 8]);
+        let b = prefill_and_steps(&converted, &prompt, &[4, 8]);
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            "{name}"
+        );
+    }
+}
+
+#[test]
 fn bf16_loaded_straight_equals_bf16_converted_after_loading() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
     for name in ["tiny-safetensors", "tiny-bare-bin", "tiny-sharded"] {
