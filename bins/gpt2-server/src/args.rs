@@ -167,7 +167,7 @@ pub struct ServerArgs {
         long,
         env = "GPT2_PREFILL_CHUNK_TOKENS",
         value_name = "TOKENS",
-        default_value_t = 256,
+        default_value_t = 64,
         value_parser = clap::value_parser!(u64).range(64..=8192)
     )]
     pub prefill_chunk_tokens: u64,
@@ -177,7 +177,7 @@ pub struct ServerArgs {
         long,
         env = "GPT2_MAX_BATCH_ROWS",
         value_name = "ROWS",
-        default_value_t = 64,
+        default_value_t = 48,
         value_parser = clap::value_parser!(u64).range(1..=4096)
     )]
     pub max_batch_rows: u64,

@@ -30,14 +30,15 @@ pub struct EngineConfig {
     /// Each request reserves what its sequences can grow to at admission; one that can never fit
     /// is refused with a field error, one that cannot fit now waits (within its deadline).
     pub kv_budget_bytes: usize,
-    /// Prompt tokens prefilled between two decode steps (default 256). A longer prompt is
+    /// Prompt tokens prefilled between two decode steps (default 64). A longer prompt is
     /// prefilled in chunks of this size (rounded down to a multiple of 64, which computes exactly
     /// the bits of a one-shot prefill), so the running streams wait at most one chunk's worth
     /// of work for it.
     pub prefill_chunk_tokens: usize,
-    /// Most sequence rows (sequences or beams) in one decode step (default 64). A request whose
-    /// rows would go beyond waits, in arrival order, until running ones finish; one request alone
-    /// always runs whatever its size.
+    /// Most sequence rows (sequences or beams) in one decode step (default 48: the knee past which
+    /// a 124M step is compute-bound and more rows lower throughput, measured in
+    /// docs/performance.md). A request whose rows would go beyond waits, in arrival order, until
+    /// running ones finish; one request alone always runs whatever its size.
     pub max_batch_rows: usize,
 }
 
@@ -47,8 +48,8 @@ impl Default for EngineConfig {
             queue_capacity: 64,
             deadline: Duration::from_secs(60),
             kv_budget_bytes: usize::MAX,
-            prefill_chunk_tokens: 256,
-            max_batch_rows: 64,
+            prefill_chunk_tokens: 64,
+            max_batch_rows: 48,
         }
     }
 }
