@@ -118,6 +118,7 @@ pub fn router(state: AppState) -> Router {
             auth::authenticate,
         ))
         .layer(middleware::from_fn(check_upload))
+        .layer(middleware::from_fn(crate::openai::errors_in_openai_shape))
         .layer(middleware::from_fn(with_request_id))
         .with_state(state)
 }

@@ -109,3 +109,62 @@ fn served_model_name_sets_the_model_id() {
         );
     }
 }
+
+/// Errors of the layers shared with the native routes (authentication, unknown paths and
+/// methods) come in OpenAI's shape on `/v1/*`, and the `openai` client raises them as its own
+/// types; the native routes keep their own shape.
+#[test]
+fn shared_layer_errors_have_openai_s_shape_on_v1() {
+    let server = Server::start(&["--api-key", "s3cret"]);
+    let openai_shape = |answer: &support::HttpResponse, status: u16, kind: &str| {
+        assert_eq!(answer.status, status, "{answer:?}");
+        let json = answer.json();
+        let error = json["error"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{json}"));
+        let mut keys: Vec<&str> = error.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["code", "message", "param", "type"], "{json}");
+        assert_eq!(error["type"], kind, "{json}");
+        assert!(answer.header("x-request-id").is_some());
+    };
+    let json_type = [("Content-Type", "application/json")];
+    let body = br#"{"model": "gpt2-demo", "prompt": "Hi", "max_tokens": 2}"#;
+    let unauthenticated = server.request("POST", "/v1/completions", &json_type, body);
+    openai_shape(&unauthenticated, 401, "authentication_error");
+    let key = [("Authorization", "Bearer s3cret")];
+    openai_shape(
+        &server.request("GET", "/v1/nothing-here", &key, b""),
+        404,
+        "invalid_request_error",
+    );
+    openai_shape(
+        &server.request("GET", "/v1/completions", &key, b""),
+        405,
+        "invalid_request_error",
+    );
+    // The native routes keep their shape.
+    let native = server.request("POST", "/invocations", &json_type, br#"{"input": "Hi"}"#);
+    assert_eq!(native.status, 401);
+    assert!(native.json()["error"].is_string(), "{native:?}");
+
+    let script = r#"
+import sys, openai
+client = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="wrong")
+try:
+    client.completions.create(model="gpt2-demo", prompt="Hi", max_tokens=2)
+    raise SystemExit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.body["type"] == "authentication_error", e.body
+good = openai.OpenAI(base_url=sys.argv[1] + "/v1", api_key="s3cret")
+print(good.completions.create(model="gpt2-demo", prompt="Hi", max_tokens=2).object)
+"#;
+    let output = run_client(
+        Command::new(python()).args(["-c", script, &server.url()]),
+        "the openai client",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        "text_completion"
+    );
+}

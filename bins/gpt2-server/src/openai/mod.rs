@@ -165,6 +165,49 @@ impl IntoResponse for OpenAiError {
     }
 }
 
+/// Gives the errors of the layers shared with the native routes (authentication, unknown paths
+/// and methods, upload checks) OpenAI's shape on `/v1/*`, so that OpenAI clients read them as
+/// their own error types: `{"error": {"message", "type", "param", "code"}}`, `code` being the
+/// native `error_type`. The handlers' own errors already have that shape and pass unchanged.
+pub async fn errors_in_openai_shape(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let openai_path = request.uri().path().starts_with("/v1/");
+    let response = next.run(request).await;
+    let status = response.status();
+    if !openai_path || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    // Error bodies are a few hundred bytes; anything else is passed on as it was.
+    let Ok(bytes) = axum::body::to_bytes(body, 64 * 1024).await else {
+        return (parts, axum::body::Body::empty()).into_response();
+    };
+    let native = serde_json::from_slice::<Value>(&bytes).ok().and_then(|v| {
+        let message = v.get("error")?.as_str()?.to_string();
+        let error_type = v.get("error_type")?.as_str()?.to_string();
+        Some((message, error_type))
+    });
+    let Some((message, error_type)) = native else {
+        return (parts, axum::body::Body::from(bytes)).into_response();
+    };
+    let kind = match status.as_u16() {
+        401 | 403 => "authentication_error",
+        503 if error_type == "overloaded" => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    };
+    let body = json!({"error": {
+        "message": message,
+        "type": kind,
+        "param": null,
+        "code": error_type,
+    }});
+    parts.headers.remove(header::CONTENT_LENGTH);
+    (parts, Json(body)).into_response()
+}
+
 /// `GET /v1/models`: the one model served.
 pub async fn list_models(State(state): State<AppState>) -> Json<Value> {
     Json(json!({"object": "list", "data": [model_json(&state)]}))
