@@ -148,6 +148,24 @@ pub struct Observed<'a> {
     pub generated_tokens: usize,
 }
 
+impl<'a> Observed<'a> {
+    /// A request answered without generation figures (an error, or before generation ran); a
+    /// success fills in the rest with struct update syntax.
+    pub fn answered(route: &'static str, mode: &'a str, status: u16, total: Duration) -> Self {
+        Self {
+            route,
+            mode,
+            status,
+            total,
+            queued: None,
+            first_token: None,
+            generation: None,
+            prompt_tokens: 0,
+            generated_tokens: 0,
+        }
+    }
+}
+
 /// Records an answered invocation (success or error).
 pub fn observe(o: &Observed<'_>) {
     counter!(

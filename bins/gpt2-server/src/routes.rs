@@ -159,34 +159,62 @@ async fn ping(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Logs a line for a request whose handler is dropped before it answers: its client went away.
-struct LogIfAbandoned {
-    request_id: String,
+/// Logs a request that ended without its answer as what it was: dropped when the shutdown grace
+/// period ended (503 `shutdown`), else abandoned by its client (499 `client_disconnected`), whose
+/// generation stops. `what` names it in the message ("invocation", "streamed completion", ...).
+pub(crate) fn log_unanswered(
+    what: &str,
+    route: &'static str,
+    request_id: &str,
+    stream: bool,
+    generated_tokens: usize,
     received: Instant,
-    answered: bool,
+) {
+    let total_ms = received.elapsed().as_millis() as u64;
+    if crate::serve::abandoned_at_shutdown() {
+        warn!(
+            request_id,
+            route,
+            status = 503,
+            stream,
+            error_type = "shutdown",
+            generated_tokens,
+            total_ms,
+            "{what} dropped: the shutdown grace period ended before it finished"
+        );
+    } else {
+        warn!(
+            request_id,
+            route,
+            status = 499,
+            stream,
+            error_type = "client_disconnected",
+            generated_tokens,
+            total_ms,
+            "{what} abandoned by the client; its generation stops"
+        );
+    }
+}
+
+/// Logs a line for a request whose handler is dropped before it answers (see [`log_unanswered`]).
+pub(crate) struct LogIfAbandoned {
+    pub(crate) what: &'static str,
+    pub(crate) route: &'static str,
+    pub(crate) request_id: String,
+    pub(crate) received: Instant,
+    pub(crate) answered: bool,
 }
 
 impl Drop for LogIfAbandoned {
     fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        let total_ms = self.received.elapsed().as_millis() as u64;
-        if crate::serve::abandoned_at_shutdown() {
-            warn!(
-                request_id = %self.request_id,
-                status = 503,
-                error_type = "shutdown",
-                total_ms,
-                "invocation dropped: the shutdown grace period ended before it finished"
-            );
-        } else {
-            warn!(
-                request_id = %self.request_id,
-                status = 499,
-                error_type = "client_disconnected",
-                total_ms,
-                "invocation abandoned by the client; its generation stops"
+        if !self.answered {
+            log_unanswered(
+                self.what,
+                self.route,
+                &self.request_id,
+                false,
+                0,
+                self.received,
             );
         }
     }
@@ -345,7 +373,14 @@ async fn invoke(
     framing: Option<Framing>,
 ) -> Response {
     let received = Instant::now();
+    let route = if framing == Some(Framing::AwsEventStream) {
+        RESPONSE_STREAM
+    } else {
+        INVOCATIONS
+    };
     let mut abandoned = LogIfAbandoned {
+        what: "invocation",
+        route,
         request_id: request_id.clone(),
         received,
         answered: false,
@@ -386,22 +421,7 @@ async fn invoke(
     let total = received.elapsed();
     let total_ms = total.as_millis() as u64;
     abandoned.answered = true;
-    let route = if framing == Some(Framing::AwsEventStream) {
-        RESPONSE_STREAM
-    } else {
-        INVOCATIONS
-    };
-    let observed = |status: u16| Observed {
-        route,
-        mode: mode.unwrap_or("-"),
-        status,
-        total,
-        queued: None,
-        first_token: None,
-        generation: None,
-        prompt_tokens: 0,
-        generated_tokens: 0,
-    };
+    let observed = |status: u16| Observed::answered(route, mode.unwrap_or("-"), status, total);
     match result {
         // The stream records itself when it ends.
         Ok(Answer::Stream(response)) => response,

@@ -255,28 +255,14 @@ impl Drop for SseState {
         if self.finished {
             return;
         }
-        let total_ms = self.log.received.elapsed().as_millis() as u64;
-        if crate::serve::abandoned_at_shutdown() {
-            warn!(
-                request_id = %self.log.request_id,
-                status = 503,
-                stream = true,
-                error_type = "shutdown",
-                generated_tokens = self.generated_tokens,
-                total_ms,
-                "streamed invocation dropped: the shutdown grace period ended before it finished"
-            );
-        } else {
-            warn!(
-                request_id = %self.log.request_id,
-                status = 499,
-                stream = true,
-                error_type = "client_disconnected",
-                generated_tokens = self.generated_tokens,
-                total_ms,
-                "streamed invocation abandoned by the client; its generation stops"
-            );
-        }
+        crate::routes::log_unanswered(
+            "streamed invocation",
+            self.log.route,
+            &self.log.request_id,
+            true,
+            self.generated_tokens,
+            self.log.received,
+        );
     }
 }
 

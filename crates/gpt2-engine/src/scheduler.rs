@@ -11,8 +11,6 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use gpt2_generation::Strategy;
-
 use crate::events::EventBuilder;
 use crate::run::Prefill;
 use crate::worker::{EngineStats, Job, WorkerMessage};
@@ -36,15 +34,6 @@ impl Schedule {
             prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
             max_batch_rows: config.max_batch_rows.max(1),
         }
-    }
-}
-
-/// The decode rows a request occupies once it runs.
-fn rows_of(job: &Job) -> usize {
-    match job.params.strategy {
-        Strategy::Greedy => 1,
-        Strategy::Sample(_) => job.params.num_return_sequences,
-        Strategy::Beam(beam) => beam.num_beams,
     }
 }
 
@@ -201,8 +190,8 @@ fn prefill_round<'p>(
                 .iter()
                 .map(|r| r.decoding.pending_tokens().len())
                 .sum();
-            let fits =
-                running.is_empty() || running_rows + rows_of(next) <= schedule.max_batch_rows;
+            let fits = running.is_empty()
+                || running_rows + next.params.decode_rows() <= schedule.max_batch_rows;
             // A chunk or prompt longer than what is left of the budget waits for the next round,
             // unless the round has done nothing yet (so a long chunk always makes progress).
             let affordable = next.prompt.len().min(schedule.prefill_chunk_tokens) <= budget
@@ -289,7 +278,11 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
         spent,
     } = done;
     metrics::histogram!("gpt2_prefill_duration_seconds").record(spent.as_secs_f64());
-    let prompt = prefill.prompt().to_vec();
+    // The prompt's ids are needed again only to list its scores.
+    let prompt = job
+        .request
+        .prompt_logprobs()
+        .then(|| prefill.prompt().to_vec());
     let built = prefill.finish().and_then(|mut decoding| {
         let shape = crate::prepare::answer_shape(pipeline.tokenizer(), &job.request, &job.params)?;
         let events = EventBuilder::new(
@@ -298,8 +291,8 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
             job.request.num_return_sequences(),
         );
         let mut out = Vec::new();
-        if let Some(scores) = decoding.take_prompt_scores() {
-            events.on_prompt(&prompt, &scores, &mut out)?;
+        if let (Some(prompt), Some(scores)) = (&prompt, decoding.take_prompt_scores()) {
+            events.on_prompt(prompt, &scores, &mut out)?;
         }
         Ok((decoding, events, out))
     });

@@ -303,11 +303,7 @@ impl Engine {
     /// sequences; greedy runs one) at its full length. A request that can never fit the budget
     /// is refused here, naming the limit.
     fn kv_units(&self, params: &gpt2_generation::GenerationParams) -> Result<u32, SubmitError> {
-        let rows = match &params.strategy {
-            gpt2_generation::Strategy::Greedy => 1,
-            gpt2_generation::Strategy::Sample(_) => params.num_return_sequences,
-            gpt2_generation::Strategy::Beam(beam) => beam.num_beams,
-        };
+        let rows = params.decode_rows();
         let bytes = self
             .kv_bytes_per_position
             .saturating_mul(rows)

@@ -63,3 +63,15 @@ pub struct GenerationParams {
     /// log-probability (0: none).
     pub top_logprobs: usize,
 }
+
+impl GenerationParams {
+    /// The rows a request runs in each decode step: its beams, or its sampled sequences; greedy
+    /// runs one (its returned sequences are copies).
+    pub fn decode_rows(&self) -> usize {
+        match self.strategy {
+            Strategy::Greedy => 1,
+            Strategy::Sample(_) => self.num_return_sequences,
+            Strategy::Beam(beam) => beam.num_beams,
+        }
+    }
+}

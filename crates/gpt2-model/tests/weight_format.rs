@@ -170,43 +170,41 @@ fn bf16_logits_drift_less_than_q8_0() {
     }
 }
 
+/// Loads fixture `name` straight into `format` and checks it computes exactly what loading f32
+/// then converting computes; returns the straight model and its logits.
+fn assert_loaded_straight_equals_converted(
+    name: &str,
+    format: WeightFormat,
+) -> (Gpt2Model, Vec<f32>) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
+    let straight =
+        Gpt2Model::load_with_weight_format(dir.join(name), &Device::Cpu, format).unwrap();
+    assert_eq!(straight.weight_format(), format);
+    let converted = load(name).with_weight_format(format).unwrap();
+    let a = prefill_and_steps(&straight, &PROMPT, &[4, 8]);
+    let b = prefill_and_steps(&converted, &PROMPT, &[4, 8]);
+    let a = a.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(
+        a,
+        b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+        "{name} {format:?}"
+    );
+    (straight, a)
+}
+
+const PROMPT: [u32; 5] = [5, 17, 300, 2, 9];
+
 #[test]
 fn q8_0_loaded_straight_equals_q8_0_converted_after_loading() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
     for name in ["tiny-safetensors", "tiny-bare-bin", "tiny-sharded"] {
-        let straight =
-            Gpt2Model::load_with_weight_format(dir.join(name), &Device::Cpu, WeightFormat::Q8_0)
-                .unwrap();
-        assert_eq!(straight.weight_format(), WeightFormat::Q8_0);
-        let converted = load(name).with_weight_format(WeightFormat::Q8_0).unwrap();
-        let prompt = [5u32, 17, 300, 2, 9];
-        let a = prefill_and_steps(&straight, &prompt, &[4, 8]);
-        let b = prefill_and_steps(&converted, &prompt, &[4, 8]);
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{name}"
-        );
+        assert_loaded_straight_equals_converted(name, WeightFormat::Q8_0);
     }
 }
 
 #[test]
 fn bf16_loaded_straight_equals_bf16_converted_after_loading() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/models");
     for name in ["tiny-safetensors", "tiny-bare-bin", "tiny-sharded"] {
-        let straight =
-            Gpt2Model::load_with_weight_format(dir.join(name), &Device::Cpu, WeightFormat::Bf16)
-                .unwrap();
-        assert_eq!(straight.weight_format(), WeightFormat::Bf16);
-        let converted = load(name).with_weight_format(WeightFormat::Bf16).unwrap();
-        let prompt = [5u32, 17, 300, 2, 9];
-        let a = prefill_and_steps(&straight, &prompt, &[4, 8]);
-        let b = prefill_and_steps(&converted, &prompt, &[4, 8]);
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            "{name}"
-        );
+        let (straight, a) = assert_loaded_straight_equals_converted(name, WeightFormat::Bf16);
         // Saving writes the bf16 values back as f32; loading them again changes nothing.
         let saved = std::env::temp_dir().join(format!("gpt2-bf16-{name}-{}", std::process::id()));
         straight.save(&saved).unwrap();
@@ -214,9 +212,9 @@ fn bf16_loaded_straight_equals_bf16_converted_after_loading() {
             .unwrap()
             .with_weight_format(WeightFormat::Bf16)
             .unwrap();
-        let c = prefill_and_steps(&again, &prompt, &[4, 8]);
+        let c = prefill_and_steps(&again, &PROMPT, &[4, 8]);
         assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            a,
             c.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             "{name} saved"
         );

@@ -123,17 +123,21 @@ impl OpenAiError {
     }
 }
 
+/// OpenAI's error `type` for an answer of `status` whose native `error_type` is `error_type`.
+fn openai_type(status: StatusCode, error_type: &str) -> &'static str {
+    match status.as_u16() {
+        401 | 403 => "authentication_error",
+        503 if error_type == "overloaded" => "overloaded_error",
+        400..=499 => "invalid_request_error",
+        _ => "server_error",
+    }
+}
+
 impl From<ApiError> for OpenAiError {
     fn from(error: ApiError) -> Self {
-        let kind = match error.status.as_u16() {
-            401 | 403 => "authentication_error",
-            503 if error.error_type == "overloaded" => "overloaded_error",
-            400..=499 => "invalid_request_error",
-            _ => "server_error",
-        };
         Self {
             status: error.status,
-            kind,
+            kind: openai_type(error.status, error.error_type),
             message: error.message,
             param: None,
             code: Some(error.error_type),
@@ -192,15 +196,9 @@ pub async fn errors_in_openai_shape(
     let Some((message, error_type)) = native else {
         return (parts, axum::body::Body::from(bytes)).into_response();
     };
-    let kind = match status.as_u16() {
-        401 | 403 => "authentication_error",
-        503 if error_type == "overloaded" => "overloaded_error",
-        400..=499 => "invalid_request_error",
-        _ => "server_error",
-    };
     let body = json!({"error": {
         "message": message,
-        "type": kind,
+        "type": openai_type(status, &error_type),
         "param": null,
         "code": error_type,
     }});
@@ -324,35 +322,6 @@ fn completion_id() -> String {
     )
 }
 
-/// Logs a line for a request whose handler is dropped before it answers: its client went away.
-struct LogIfAbandoned {
-    request_id: String,
-    received: Instant,
-    answered: bool,
-}
-
-impl Drop for LogIfAbandoned {
-    fn drop(&mut self) {
-        if self.answered {
-            return;
-        }
-        let total_ms = self.received.elapsed().as_millis() as u64;
-        let (status, error_type) = if crate::serve::abandoned_at_shutdown() {
-            (503, "shutdown")
-        } else {
-            (499, "client_disconnected")
-        };
-        warn!(
-            request_id = %self.request_id,
-            route = COMPLETIONS,
-            status,
-            error_type,
-            total_ms,
-            "completion abandoned before its answer; its generation stops"
-        );
-    }
-}
-
 /// `POST /v1/completions`.
 pub async fn completions(
     State(state): State<AppState>,
@@ -361,7 +330,9 @@ pub async fn completions(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let received = Instant::now();
-    let mut abandoned = LogIfAbandoned {
+    let mut abandoned = crate::routes::LogIfAbandoned {
+        what: "completion",
+        route: COMPLETIONS,
         request_id: request_id.clone(),
         received,
         answered: false,
@@ -405,16 +376,8 @@ pub async fn completions(
     let total = received.elapsed();
     let total_ms = total.as_millis() as u64;
     abandoned.answered = true;
-    let observed = |status: u16| crate::metrics::Observed {
-        route: COMPLETIONS,
-        mode: mode.unwrap_or("-"),
-        status,
-        total,
-        queued: None,
-        first_token: None,
-        generation: None,
-        prompt_tokens: 0,
-        generated_tokens: 0,
+    let observed = |status: u16| {
+        crate::metrics::Observed::answered(COMPLETIONS, mode.unwrap_or("-"), status, total)
     };
     match result {
         // The stream records itself when it ends.

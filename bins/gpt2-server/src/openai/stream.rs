@@ -350,21 +350,13 @@ impl Drop for SseState {
         if self.finished {
             return;
         }
-        let total_ms = self.log.received.elapsed().as_millis() as u64;
-        let (status, error_type) = if crate::serve::abandoned_at_shutdown() {
-            (503, "shutdown")
-        } else {
-            (499, "client_disconnected")
-        };
-        warn!(
-            request_id = %self.log.request_id,
-            route = COMPLETIONS,
-            status,
-            stream = true,
-            error_type,
-            generated_tokens = self.generated_tokens,
-            total_ms,
-            "streamed completion abandoned; its generation stops"
+        crate::routes::log_unanswered(
+            "streamed completion",
+            COMPLETIONS,
+            &self.log.request_id,
+            true,
+            self.generated_tokens,
+            self.log.received,
         );
     }
 }
