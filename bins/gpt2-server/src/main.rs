@@ -3,7 +3,9 @@
 mod api_error;
 mod args;
 mod auth;
+mod body_budget;
 mod budget;
+mod head_guard;
 mod metrics;
 mod openai;
 mod playground;
@@ -122,7 +124,8 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         routes::AppState::new(engine, limits)
             .with_auth(auth)
             .with_metrics(handle)
-            .with_served_model(served_model),
+            .with_served_model(served_model)
+            .with_body_budget(args.body_budget()),
     );
     let listener = serve::listen(addr, args.max_connections)
         .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
@@ -134,6 +137,8 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         deadline_secs = args.deadline_secs(),
         shutdown_grace_secs = args.shutdown_grace_secs,
         max_connections = args.max_connections,
+        body_budget_mb = args.body_budget_mb,
+        serve_half_closed = args.serve_half_closed,
         prefill_chunk_tokens = args.prefill_chunk_tokens,
         max_batch_rows = args.max_batch_rows,
         open_files = open_files.unwrap_or(0),

@@ -4,9 +4,11 @@
 //! nothing in flight.
 //!
 //! Past the cap, a small overflow pool still answers `GET /ping` (so health checks pass while
-//! slow or idle clients hold every regular slot) and 503 to anything else; past that, connections
-//! are closed at once. Every limit is a setting of hyper or tower-http, not a hand-written timer.
+//! slow or idle clients hold every regular slot) and 503 to anything else; when it is full, its
+//! oldest connection is closed for the new one. Every limit is a setting of hyper or tower-http,
+//! not a hand-written timer.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,18 +17,20 @@ use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::response::IntoResponse;
 use axum::Router;
+use futures_util::future::Either;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tower_http::timeout::RequestBodyTimeout;
 use tracing::warn;
 
 use crate::api_error::ApiError;
+use crate::head_guard::{self, HeadGuard};
 
-/// Connections served at once beyond the cap, for `/ping` only.
+/// Connections served at once beyond the cap, for `/ping` only (a new one evicts the oldest).
 const OVERFLOW_CONNECTIONS: usize = 64;
 /// How long an overflow connection may take to send its request.
 const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(2);
@@ -40,6 +44,8 @@ pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// Longest wait between two pieces of a request's body.
     pub body_timeout: Duration,
+    /// Whether a client that shut down its write side still gets its answer.
+    pub serve_half_closed: bool,
 }
 
 /// Set when the grace period ran out and in-flight requests are being dropped: their handlers
@@ -58,7 +64,8 @@ pub async fn serve(
     grace: Duration,
 ) -> bool {
     let regular = Arc::new(Semaphore::new(limits.max_connections.max(1)));
-    let overflow = Arc::new(Semaphore::new(OVERFLOW_CONNECTIONS));
+    // The overflow connections still open, oldest first.
+    let mut overflow: VecDeque<AbortHandle> = VecDeque::with_capacity(OVERFLOW_CONNECTIONS);
     let (stop, stopping) = watch::channel(false);
     let mut connections = JoinSet::new();
     tokio::pin!(shutdown);
@@ -82,10 +89,18 @@ pub async fn serve(
             let app = app.clone();
             let stopping = stopping.clone();
             connections.spawn(serve_connection(stream, app, limits, stopping, permit));
-        } else if let Ok(permit) = overflow.clone().try_acquire_owned() {
-            connections.spawn(serve_overflow(stream, permit));
+        } else {
+            overflow.retain(|connection| !connection.is_finished());
+            if overflow.len() >= OVERFLOW_CONNECTIONS {
+                // Evict the one that has had the longest to send its request: a health probe
+                // sends at once and is answered in microseconds, so clients that only connect
+                // cannot keep it out (they held all 64 slots for 2 s each before).
+                if let Some(oldest) = overflow.pop_front() {
+                    oldest.abort();
+                }
+            }
+            overflow.push_back(connections.spawn(serve_overflow(stream)));
         }
-        // Else the stream is dropped here: closed at once.
     }
     drop(listener);
     let _ = stop.send(true);
@@ -109,15 +124,26 @@ async fn serve_connection(
     // Requests whose headers arrived and whose answer is not fully sent: what shutdown waits for.
     let in_flight = Arc::new(AtomicUsize::new(0));
     let counter = in_flight.clone();
+    // How far hyper handed requests over, for the head guard's hold on the end of input.
+    let progress = Arc::new(head_guard::Progress::default());
+    let reported = progress.clone();
     let service = hyper::service::service_fn(move |request| {
         let guard = InFlight::enter(&counter);
-        let answer = hyper::service::Service::call(&inner, request);
+        let (request, dispatched) = head_guard::track(request, &reported);
+        // Before the router, so that neither authentication nor a route answers for a head the
+        // guard refused.
+        let answer = match head_guard::refusal_answer(request.headers()) {
+            Some(refused) => Either::Left(std::future::ready(Ok(refused))),
+            None => Either::Right(hyper::service::Service::call(&inner, request)),
+        };
         async move {
+            let answering = dispatched.polled();
             let response = answer.await?;
             Ok::<_, std::convert::Infallible>(response.map(|body| {
                 Body::new(GuardedBody {
                     body,
                     _guard: guard,
+                    _answering: answering,
                 })
             }))
         }
@@ -126,10 +152,14 @@ async fn serve_connection(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_timeout)
-        // End of input means the client is gone and its generation stops. (TCP cannot tell a
-        // client that only shut down its write side, waiting for the answer, from one that
-        // closed: the first is refused so that abandoned work never runs to its deadline.)
-        .half_close(false);
+        // By default the end of input means the client is gone and its generation stops: TCP
+        // cannot tell a client that only shut down its write side, waiting for the answer, from
+        // one that closed, and nginx's default (`proxy_ignore_client_abort off`) makes the same
+        // choice, so that abandoned work never runs to its deadline. `--serve-half-closed`
+        // makes the other: such clients are answered, and a closed one's non-streamed request
+        // runs to its end (a streamed one stops at its next write).
+        .half_close(limits.serve_half_closed);
+    let stream = HeadGuard::new(stream, progress);
     let connection = builder.serve_connection(TokioIo::new(stream), service);
     tokio::pin!(connection);
     tokio::select! {
@@ -165,6 +195,8 @@ impl Drop for InFlight {
 struct GuardedBody {
     body: Body,
     _guard: InFlight,
+    /// Tells the head guard the answer is done.
+    _answering: head_guard::Answering,
 }
 
 impl http_body::Body for GuardedBody {
@@ -197,7 +229,7 @@ async fn stopped(stopping: &mut watch::Receiver<bool>) {
 }
 
 /// A connection past the cap: `GET /ping` gets its answer, anything else 503 with Retry-After.
-async fn serve_overflow(stream: TcpStream, _permit: OwnedSemaphorePermit) {
+async fn serve_overflow(stream: TcpStream) {
     let service =
         hyper::service::service_fn(|request: Request<hyper::body::Incoming>| async move {
             let id = crate::routes::request_id(request.headers());
