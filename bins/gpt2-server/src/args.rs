@@ -151,6 +151,20 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=MAX_SHUTDOWN_GRACE_SECS)
     )]
     pub body_timeout_secs: u64,
+    /// MiB that the request bodies being received may hold together (6-1048576, default 256); a
+    /// body past it is read and discarded, then answered 503 with Retry-After.
+    #[arg(
+        long,
+        env = "GPT2_BODY_BUDGET_MB",
+        value_name = "MIB",
+        default_value_t = (crate::routes::DEFAULT_BODY_BUDGET_BYTES >> 20) as u64,
+        value_parser = clap::value_parser!(u64).range(6..=(1 << 20))
+    )]
+    pub body_budget_mb: u64,
+    /// Serve a client that shuts down its write side after sending its request (off by
+    /// default: the end of input then means the client is gone, and its generation stops).
+    #[arg(long, env = "GPT2_SERVE_HALF_CLOSED")]
+    pub serve_half_closed: bool,
     /// MiB of KV cache the admitted requests may reserve together (default: 80% of the memory
     /// available after loading the model, the container's limit included). A request that can
     /// never fit gets 422; one that cannot fit now waits, within its deadline.
@@ -396,7 +410,13 @@ impl ServerArgs {
             max_connections: self.max_connections as usize,
             header_timeout: Duration::from_secs(self.header_timeout_secs),
             body_timeout: Duration::from_secs(self.body_timeout_secs),
+            serve_half_closed: self.serve_half_closed,
         }
+    }
+
+    /// The budget of the request bodies being received.
+    pub fn body_budget(&self) -> crate::body_budget::BodyBudget {
+        crate::body_budget::BodyBudget::new((self.body_budget_mb as usize) << 20)
     }
 
     /// Who may call the service.

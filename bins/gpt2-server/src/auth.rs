@@ -127,16 +127,10 @@ pub async fn authenticate(
             // The signature covers the body: read it (within the service's body limit) and hand
             // the same bytes on to the handler.
             match axum::body::to_bytes(body, crate::routes::MAX_BODY_BYTES).await {
-                Err(_) => {
-                    let error = ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "payload_too_large",
-                        format!(
-                            "the body exceeds {} bytes (6 MB)",
-                            crate::routes::MAX_BODY_BYTES
-                        ),
-                    );
-                    return error.into_response();
+                Err(error) => {
+                    return crate::routes::unfinished_body(&error)
+                        .unwrap_or_else(crate::routes::too_large)
+                        .into_response();
                 }
                 Ok(bytes) => {
                     let verdict = verify_sigv4(&config, &parts, &bytes, SystemTime::now())

@@ -115,6 +115,16 @@ pub fn install(build: &BuildInfo, model_load: Duration) -> Result<PrometheusHand
         "--kv-budget-mb, in bytes."
     );
     describe_gauge!(
+        "gpt2_request_body_reserved_bytes",
+        Unit::Bytes,
+        "Bytes the request bodies being received hold of --body-budget-mb."
+    );
+    describe_gauge!(
+        "gpt2_request_body_budget_bytes",
+        Unit::Bytes,
+        "--body-budget-mb, in bytes."
+    );
+    describe_gauge!(
         "gpt2_model_load_seconds",
         Unit::Seconds,
         "Time to load the model at start."
@@ -203,6 +213,9 @@ pub async fn render(State(state): State<AppState>) -> Response {
     if budget != usize::MAX {
         gauge!("gpt2_kv_cache_budget_bytes").set(budget as f64);
     }
+    let bodies = state.body_budget();
+    gauge!("gpt2_request_body_reserved_bytes").set(bodies.reserved_bytes() as f64);
+    gauge!("gpt2_request_body_budget_bytes").set(bodies.total_bytes() as f64);
     let mut response = handle.render().into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,

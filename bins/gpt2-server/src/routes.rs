@@ -22,6 +22,8 @@ use crate::streaming::{self, Framing, StreamLog};
 
 /// SageMaker's payload limit for real-time invocations.
 pub const MAX_BODY_BYTES: usize = 6 * 1024 * 1024;
+/// `--body-budget-mb`'s default: 42 bodies of the largest size being received at once.
+pub const DEFAULT_BODY_BUDGET_BYTES: usize = 256 * 1024 * 1024;
 
 /// The header that carries the request id back to the client.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -35,6 +37,8 @@ pub struct AppState {
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// The model id the OpenAI-compatible routes serve.
     served_model: Arc<crate::openai::ServedModel>,
+    /// What the request bodies being received may hold together.
+    body_budget: crate::body_budget::BodyBudget,
 }
 
 impl AppState {
@@ -45,7 +49,19 @@ impl AppState {
             auth: Arc::default(),
             metrics: None,
             served_model: Arc::default(),
+            body_budget: crate::body_budget::BodyBudget::new(DEFAULT_BODY_BUDGET_BYTES),
         }
+    }
+
+    /// Bounds the request bodies being received together to `budget`.
+    pub fn with_body_budget(mut self, budget: crate::body_budget::BodyBudget) -> Self {
+        self.body_budget = budget;
+        self
+    }
+
+    /// What the request bodies being received may hold together.
+    pub fn body_budget(&self) -> &crate::body_budget::BodyBudget {
+        &self.body_budget
     }
 
     /// Serves the OpenAI-compatible routes under `model`'s id.
@@ -116,6 +132,10 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(
             state.auth.clone(),
             auth::authenticate,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.body_budget.clone(),
+            crate::body_budget::reserve,
         ))
         .layer(middleware::from_fn(check_upload))
         .layer(middleware::from_fn(crate::openai::errors_in_openai_shape))
@@ -238,8 +258,8 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 /// Whether reading the body failed because tower-http's body timeout fired.
-fn timed_out(rejection: &BytesRejection) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
     while let Some(error) = cause {
         if error.is::<tower_http::timeout::TimeoutError>() {
             return true;
@@ -312,24 +332,37 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+/// The body, or the answer to a body that could not be read.
+pub(crate) fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             too_large()
-        } else if timed_out(&rejection) {
-            ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body stopped arriving (see --body-timeout-secs)",
-            )
         } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                rejection.body_text(),
-            )
+            unfinished_body(&rejection).unwrap_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    rejection.body_text(),
+                )
+            })
         }
     })
+}
+
+/// The answer to a body that stopped arriving or did not fit the body budget; `None` for other
+/// read errors.
+pub(crate) fn unfinished_body(error: &(dyn std::error::Error + 'static)) -> Option<ApiError> {
+    if crate::body_budget::is_over_budget(error) {
+        Some(crate::body_budget::over_budget())
+    } else if timed_out(error) {
+        Some(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            "the request body stopped arriving (see --body-timeout-secs)",
+        ))
+    } else {
+        None
+    }
 }
 
 async fn invocations(

@@ -189,3 +189,55 @@ fn requests_dropped_at_the_end_of_the_grace_period_are_logged_as_such_before_sto
         "{lines:#?}"
     );
 }
+
+#[test]
+fn with_the_overflow_pool_full_of_idle_clients_a_new_ping_connection_still_answers() {
+    let server = Server::start(&["--max-connections", "2", "--header-timeout-secs", "60"]);
+    let _held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = connect(&server);
+            stream
+                .write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            assert!(read_ping_answer(&mut stream).starts_with("HTTP/1.1 200"));
+            stream
+        })
+        .collect();
+    // More idle clients than the 64 overflow slots: each would hold one for 2 s.
+    let _idle: Vec<TcpStream> = (0..80).map(|_| connect(&server)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let ping = server
+            .try_request("GET", "/ping", &[], b"")
+            .expect("a new /ping connection is answered, not closed");
+        assert_eq!(ping.status, 200);
+    }
+}
+
+#[test]
+fn a_half_closed_client_is_answered_with_serve_half_closed_and_dropped_without() {
+    let request = |server: &Server| {
+        let body = r#"{"input": "Hello", "mode": "greedy", "max_length": 8}"#;
+        let mut stream = connect(server);
+        write!(
+            stream,
+            "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        read_until_closed(&mut stream).0
+    };
+    let serving = Server::start(&["--serve-half-closed"]);
+    let answer = request(&serving);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("Hello"), "{answer}");
+
+    let default = Server::start(&[]);
+    assert_eq!(
+        request(&default),
+        "",
+        "the end of input means the client left"
+    );
+}

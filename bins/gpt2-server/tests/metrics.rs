@@ -109,6 +109,11 @@ fn metrics_count_what_was_sent_in_prometheus_text_format() {
         value(&samples, "gpt2_kv_cache_budget_bytes{}"),
         512.0 * 1024.0 * 1024.0
     );
+    assert_eq!(value(&samples, "gpt2_request_body_reserved_bytes{}"), 0.0);
+    assert_eq!(
+        value(&samples, "gpt2_request_body_budget_bytes{}"),
+        256.0 * 1024.0 * 1024.0
+    );
     assert!(value(&samples, "gpt2_model_load_seconds{}") > 0.0);
     let build = samples
         .keys()

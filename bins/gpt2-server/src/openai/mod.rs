@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 use crate::api_error::ApiError;
-use crate::routes::{AppState, RequestId, MAX_BODY_BYTES};
+use crate::routes::{AppState, RequestId};
 
 /// The `route` label of the completions' metrics.
 const COMPLETIONS: &str = "completions";
@@ -265,45 +265,9 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), OpenAiError> {
     })
 }
 
-/// Whether reading the body failed because tower-http's body timeout fired.
-fn timed_out(rejection: &BytesRejection) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(rejection);
-    while let Some(error) = cause {
-        if error.is::<tower_http::timeout::TimeoutError>() {
-            return true;
-        }
-        cause = error.source();
-    }
-    false
-}
-
+/// The native route's reading of the body, in OpenAI's error shape.
 fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, OpenAiError> {
-    body.map_err(|rejection| {
-        let (status, code, message) = if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                format!("the body exceeds {MAX_BODY_BYTES} bytes (6 MB)"),
-            )
-        } else if timed_out(&rejection) {
-            (
-                StatusCode::REQUEST_TIMEOUT,
-                "request_timeout",
-                "the request body stopped arriving (see --body-timeout-secs)".to_string(),
-            )
-        } else {
-            (
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                rejection.body_text(),
-            )
-        };
-        OpenAiError {
-            status,
-            code: Some(code),
-            ..OpenAiError::invalid(None, message)
-        }
-    })
+    crate::routes::read_body(body).map_err(OpenAiError::from)
 }
 
 /// Seconds since the Unix epoch.
