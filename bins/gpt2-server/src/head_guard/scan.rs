@@ -1,284 +1,24 @@
-//! A guard between each regular connection's socket and hyper's HTTP/1 parser.
-//!
-//! hyper answers the requests its parser refuses (bytes not allowed in a header, a target or a
-//! head too long, a garbage request line, a bad `Content-Length` ...) itself, with a bare status:
-//! no JSON body, no `x-request-id`, no log line, no metric, and no hook to change that. The guard
-//! therefore reads every request head of the connection first, with limits at least as strict as
-//! hyper's, so that whatever it lets through hyper accepts. A head it refuses is replaced by a
-//! synthetic request that hyper dispatches in order like any other, and that the connection's
-//! service recognises (by a per-process nonce a client cannot know) and answers as our own error.
-//! Writing the answer to the socket from here instead would interleave with pipelined answers.
-//!
-//! Between heads, the guard follows each body's framing (a `Content-Length`, or the chunked
-//! coding) to know where the next head starts. A chunked body it cannot follow makes it stop
-//! guarding the connection: hyper refuses that body itself and closes the connection.
-//!
-//! The guard also holds back the end of input while hyper has not yet handed the requests before
-//! it to the service: hyper drops a request that it parsed but did not yet dispatch when it reads
-//! the end of input, and such a request vanished without a log line (reliability.md, finding 4).
-//! Held until the handler has its request, the end of input then drops the handler, which logs
-//! the client as gone (499). The hold is bounded, so nothing waits on it for long.
+//! The head checks (with httparse, as strict as hyper's parser or more) and the body framing
+//! between heads, followed byte by byte, and the [`Gate`] that applies them to the input.
 
-use std::future::Future;
-use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll};
-use std::time::Duration;
+use axum::http::{Method, Uri};
+use tracing::debug;
 
-use axum::body::Bytes;
-use axum::http::{header, HeaderMap, HeaderValue, Method, Request, StatusCode, Uri};
-use axum::response::{IntoResponse, Response};
-use futures_util::task::AtomicWaker;
-use subtle::ConstantTimeEq;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::{Instant, Sleep};
-use tracing::{debug, info};
-
-use crate::api_error::ApiError;
+use super::refusal::{synthetic_request, Refusal};
 
 /// The longest request head accepted, leading empty lines included (hyper's own limit is its read
 /// buffer, about 400 KiB).
-pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
 /// The most header lines a request may have: hyper's default, whose parser refuses more.
-pub const MAX_HEADERS: usize = 100;
+pub(super) const MAX_HEADERS: usize = 100;
 /// The longest request target accepted (hyper's own limit is 65,534 bytes).
-pub const MAX_TARGET_BYTES: usize = 8 * 1024;
+pub(super) const MAX_TARGET_BYTES: usize = 8 * 1024;
 
-/// How long the end of input waits for hyper to hand the requests before it to the service;
-/// counted again from each step it makes.
-const HOLD_EOF_FOR: Duration = Duration::from_secs(1);
 /// Bytes asked of the socket at a time.
 const READ_CHUNK: usize = 16 * 1024;
-/// Reads from the socket in one call before yielding to other tasks (a client that keeps sending
-/// after a refused head would otherwise keep this task busy).
-const READS_PER_POLL: usize = 16;
 /// Chunk-extension and trailer bytes of one body the guard follows (hyper refuses more than
 /// 16 KiB of either).
 const CHUNK_EXTRA_BYTES: usize = 16 * 1024;
-
-/// The path of the synthetic request that stands for a refused head.
-const REFUSED_PATH: &str = "/__gpt2_head_error";
-/// The header of the synthetic request: the nonce, a space, and the refusal's token.
-const REFUSED_HEADER: &str = "x-gpt2-head-error";
-
-/// Why a request head was refused. Each is answered with the status and message hyper's parser
-/// would have had a reason for, as an [`ApiError`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
-    /// The request line is not `METHOD TARGET HTTP/1.x`.
-    RequestLine,
-    /// The target is empty or has bytes a request target may not have.
-    Target,
-    /// The target does not parse as a URI.
-    TargetSyntax,
-    /// A line ends in a bare CR, or text follows the HTTP version.
-    LineEnd,
-    /// A header name is empty or has bytes a token may not have.
-    HeaderName,
-    /// A header value has control bytes.
-    HeaderValue,
-    /// The target is longer than [`MAX_TARGET_BYTES`].
-    TargetTooLong,
-    /// More than [`MAX_HEADERS`] header lines.
-    TooManyHeaders,
-    /// The head is longer than [`MAX_HEAD_BYTES`].
-    HeadTooLarge,
-    /// A `Content-Length` that is not a plain decimal number.
-    ContentLength,
-    /// Two `Content-Length`s that differ.
-    ContentLengths,
-    /// `Transfer-Encoding` whose last coding is not `chunked`.
-    TransferEncoding,
-    /// `Transfer-Encoding` in an HTTP/1.0 request.
-    TransferEncodingHttp10,
-    /// Both `Transfer-Encoding` and `Content-Length` (how request smuggling starts).
-    LengthAndEncoding,
-    /// A well-formed HTTP version other than 1.0 and 1.1.
-    Version,
-    /// The HTTP/2 connection preface (prior knowledge).
-    Http2,
-}
-
-impl Refusal {
-    const ALL: [Refusal; 16] = [
-        Refusal::RequestLine,
-        Refusal::Target,
-        Refusal::TargetSyntax,
-        Refusal::LineEnd,
-        Refusal::HeaderName,
-        Refusal::HeaderValue,
-        Refusal::TargetTooLong,
-        Refusal::TooManyHeaders,
-        Refusal::HeadTooLarge,
-        Refusal::ContentLength,
-        Refusal::ContentLengths,
-        Refusal::TransferEncoding,
-        Refusal::TransferEncodingHttp10,
-        Refusal::LengthAndEncoding,
-        Refusal::Version,
-        Refusal::Http2,
-    ];
-
-    /// The word the synthetic request carries.
-    fn token(self) -> &'static str {
-        match self {
-            Refusal::RequestLine => "request-line",
-            Refusal::Target => "target",
-            Refusal::TargetSyntax => "target-syntax",
-            Refusal::LineEnd => "line-end",
-            Refusal::HeaderName => "header-name",
-            Refusal::HeaderValue => "header-value",
-            Refusal::TargetTooLong => "target-too-long",
-            Refusal::TooManyHeaders => "too-many-headers",
-            Refusal::HeadTooLarge => "head-too-large",
-            Refusal::ContentLength => "content-length",
-            Refusal::ContentLengths => "content-lengths",
-            Refusal::TransferEncoding => "transfer-encoding",
-            Refusal::TransferEncodingHttp10 => "transfer-encoding-http10",
-            Refusal::LengthAndEncoding => "length-and-encoding",
-            Refusal::Version => "version",
-            Refusal::Http2 => "http2",
-        }
-    }
-
-    fn from_token(token: &[u8]) -> Option<Self> {
-        Self::ALL
-            .into_iter()
-            .find(|refusal| refusal.token().as_bytes() == token)
-    }
-
-    /// The status hyper would have answered with, and its `error_type`: the reason phrase in
-    /// snake case, as the other errors name theirs. An unknown version gets hyper's 400, not 505:
-    /// whatever a client sends, its mistakes stay 4xx, out of the server errors that alerts and
-    /// the load-and-fault script count.
-    fn answer(self) -> (StatusCode, &'static str) {
-        match self {
-            Refusal::TargetTooLong => (StatusCode::URI_TOO_LONG, "uri_too_long"),
-            Refusal::TooManyHeaders | Refusal::HeadTooLarge => (
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "request_header_fields_too_large",
-            ),
-            _ => (StatusCode::BAD_REQUEST, "bad_request"),
-        }
-    }
-
-    /// The status of the answer.
-    pub fn status(self) -> StatusCode {
-        self.answer().0
-    }
-
-    /// The `error_type` of the answer.
-    pub fn error_type(self) -> &'static str {
-        self.answer().1
-    }
-
-    /// What was wrong, for the client and the log.
-    pub fn message(self) -> String {
-        match self {
-            Refusal::RequestLine => {
-                "the request line is malformed: expected METHOD TARGET HTTP/1.1".into()
-            }
-            Refusal::Target => {
-                "the request line is malformed: its target is empty, contains bytes that are \
-                 not allowed, or is not followed by the HTTP version"
-                    .into()
-            }
-            Refusal::TargetSyntax => "the request target is not a valid URI".into(),
-            Refusal::LineEnd => {
-                "a line of the request head is malformed (a bare CR, or text after the HTTP \
-                 version)"
-                    .into()
-            }
-            Refusal::HeaderName => {
-                "a header name is empty or contains bytes that are not allowed".into()
-            }
-            Refusal::HeaderValue => "a header value contains bytes that are not allowed".into(),
-            Refusal::TargetTooLong => {
-                format!("the request target is longer than {MAX_TARGET_BYTES} bytes")
-            }
-            Refusal::TooManyHeaders => format!("the request has more than {MAX_HEADERS} headers"),
-            Refusal::HeadTooLarge => {
-                format!("the request head is larger than {MAX_HEAD_BYTES} bytes")
-            }
-            Refusal::ContentLength => "Content-Length is not a decimal number of bytes".into(),
-            Refusal::ContentLengths => {
-                "Content-Length appears more than once with different values".into()
-            }
-            Refusal::TransferEncoding => "Transfer-Encoding must end with chunked".into(),
-            Refusal::TransferEncodingHttp10 => {
-                "Transfer-Encoding is not allowed in an HTTP/1.0 request".into()
-            }
-            Refusal::LengthAndEncoding => {
-                "a request must not have both Transfer-Encoding and Content-Length".into()
-            }
-            Refusal::Version => "the HTTP version is not supported: use HTTP/1.1 (or 1.0)".into(),
-            Refusal::Http2 => "HTTP/2 with prior knowledge is not supported: use HTTP/1.1".into(),
-        }
-    }
-}
-
-/// This process's secret for the synthetic requests: 128 random bits, so that no client can make
-/// its own request pass for one.
-fn nonce() -> &'static str {
-    static NONCE: OnceLock<String> = OnceLock::new();
-    NONCE.get_or_init(|| format!("{:032x}", rand::random::<u128>()))
-}
-
-/// The request that takes a refused head's place.
-fn synthetic_request(refusal: Refusal) -> String {
-    format!(
-        "GET {REFUSED_PATH} HTTP/1.1\r\nhost: gpt2-server\r\n{REFUSED_HEADER}: {} {}\r\n\
-         connection: close\r\n\r\n",
-        nonce(),
-        refusal.token()
-    )
-}
-
-/// What a synthetic request stands for; `None` for every request a client sent, whatever its
-/// headers.
-fn refusal_of(headers: &HeaderMap) -> Option<Refusal> {
-    let value = headers.get(REFUSED_HEADER)?.as_bytes();
-    let space = value.iter().position(|&b| b == b' ')?;
-    let (given, token) = (&value[..space], &value[space + 1..]);
-    // Constant time, so that the answer's timing tells nothing about the nonce.
-    if !bool::from(given.ct_eq(nonce().as_bytes())) {
-        return None;
-    }
-    Refusal::from_token(token)
-}
-
-/// The answer to the synthetic request that stands for a refused head: the JSON error, a fresh
-/// `x-request-id` and `connection: close`, logged and counted like any other answer. `None` for
-/// any other request.
-pub fn refusal_answer(headers: &HeaderMap) -> Option<Response> {
-    let refusal = refusal_of(headers)?;
-    let request_id = crate::routes::request_id(&HeaderMap::new());
-    let status = refusal.status().as_u16();
-    let error_type = refusal.error_type();
-    let message = refusal.message();
-    // The route is unknown: the head that would name it was refused.
-    let route = "-";
-    // INFO, as for every client error.
-    info!(request_id, route, status, error_type, error = %message, "request refused before routing");
-    crate::metrics::observe(&crate::metrics::Observed::answered(
-        route,
-        "-",
-        status,
-        Duration::ZERO,
-    ));
-    let mut response = ApiError::new(refusal.status(), error_type, message).into_response();
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response
-            .headers_mut()
-            .insert(crate::routes::REQUEST_ID_HEADER, value);
-    }
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, HeaderValue::from_static("close"));
-    Some(response)
-}
 
 /// How a request's body is framed, as far as finding the next head goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -474,7 +214,7 @@ enum Step {
 
 /// Follows the input's framing: heads, bodies, and refusals.
 #[derive(Debug)]
-struct Scanner {
+pub(super) struct Scanner {
     state: State,
 }
 
@@ -485,8 +225,13 @@ impl Scanner {
 
     /// Whether the input so far ends where a head may start (a head's end included only once
     /// its body has passed).
-    fn between_requests(&self) -> bool {
+    pub(super) fn between_requests(&self) -> bool {
         matches!(self.state, State::Head { .. })
+    }
+
+    /// Whether a head was refused (and the rest of the input is dropped).
+    pub(super) fn refused(&self) -> bool {
+        matches!(self.state, State::Refused)
     }
 
     fn step(&mut self, input: &[u8]) -> Step {
@@ -700,19 +445,19 @@ fn target_within_limit(head: &[u8]) -> Option<bool> {
 /// The input the guard holds: bytes handed on to hyper (`approved`, of which `delivered` were
 /// read), then those of a head not yet complete.
 #[derive(Debug)]
-struct Gate {
-    scanner: Scanner,
+pub(super) struct Gate {
+    pub(super) scanner: Scanner,
     buf: Vec<u8>,
     delivered: usize,
     approved: usize,
     /// Heads handed on, synthetic ones included.
-    heads: u64,
+    pub(super) heads: u64,
     /// Where the room made by [`Gate::spare`] starts.
     spare_from: usize,
 }
 
 impl Gate {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Self {
             scanner: Scanner::new(),
             buf: Vec::new(),
@@ -724,12 +469,12 @@ impl Gate {
     }
 
     /// The approved bytes not yet read.
-    fn ready(&self) -> &[u8] {
+    pub(super) fn ready(&self) -> &[u8] {
         &self.buf[self.delivered..self.approved]
     }
 
     /// Marks `n` ready bytes as read.
-    fn consume(&mut self, n: usize) {
+    pub(super) fn consume(&mut self, n: usize) {
         self.delivered = (self.delivered + n).min(self.approved);
         if self.delivered == self.approved && self.approved > 0 {
             // Only a partial head, at most the head limit, is moved.
@@ -744,20 +489,20 @@ impl Gate {
     }
 
     /// Room for the next read from the socket (zeroed: no unsafe code for uninitialised bytes).
-    fn spare(&mut self) -> &mut [u8] {
+    pub(super) fn spare(&mut self) -> &mut [u8] {
         self.spare_from = self.buf.len();
         self.buf.resize(self.spare_from + READ_CHUNK, 0);
         &mut self.buf[self.spare_from..]
     }
 
     /// Keeps `n` of the bytes read into [`Gate::spare`] and follows them.
-    fn commit(&mut self, n: usize) {
+    pub(super) fn commit(&mut self, n: usize) {
         self.buf.truncate(self.spare_from + n);
         self.scan();
     }
 
     /// Drops the room [`Gate::spare`] made, when nothing was read into it.
-    fn unspare(&mut self) {
+    pub(super) fn unspare(&mut self) {
         self.buf.truncate(self.spare_from);
     }
 
@@ -801,326 +546,8 @@ impl Gate {
     }
 }
 
-/// What the service of a connection tells its guard: how far hyper has handed requests over.
-/// Shared by the guard and the service of one connection.
-#[derive(Debug, Default)]
-pub struct Progress {
-    /// Requests whose service future was polled.
-    started: AtomicU64,
-    /// Requests whose service future was polled and whose body was read to its end or dropped.
-    taken: AtomicU64,
-    /// Requests whose answer was sent or dropped.
-    answered: AtomicU64,
-    waker: AtomicWaker,
-}
-
-impl Progress {
-    fn bump(&self, counter: &AtomicU64) {
-        counter.fetch_add(1, Ordering::SeqCst);
-        self.waker.wake();
-    }
-
-    /// All the steps so far: a change means hyper moved on.
-    fn steps(&self) -> u64 {
-        self.started.load(Ordering::SeqCst)
-            + self.taken.load(Ordering::SeqCst)
-            + self.answered.load(Ordering::SeqCst)
-    }
-}
-
-const POLLED: u8 = 1;
-const BODY_DONE: u8 = 2;
-
-/// One request's way through the service, reported to its connection's [`Progress`].
-#[derive(Debug, Clone)]
-struct Tracker {
-    progress: Arc<Progress>,
-    flags: Arc<AtomicU8>,
-}
-
-impl Tracker {
-    fn mark(&self, flag: u8) {
-        let before = self.flags.fetch_or(flag, Ordering::SeqCst);
-        if before & flag != 0 {
-            return;
-        }
-        if flag == POLLED {
-            self.progress.bump(&self.progress.started);
-        }
-        if before | flag == POLLED | BODY_DONE {
-            self.progress.bump(&self.progress.taken);
-        }
-    }
-}
-
-/// Tracks `request` for its connection's guard: returns it with its body watched, and the
-/// [`Dispatched`] to mark when its service future first runs.
-pub fn track<B: http_body::Body>(
-    request: Request<B>,
-    progress: &Arc<Progress>,
-) -> (Request<TrackedBody<B>>, Dispatched) {
-    let tracker = Tracker {
-        progress: progress.clone(),
-        flags: Arc::new(AtomicU8::new(0)),
-    };
-    if request.body().is_end_stream() {
-        tracker.mark(BODY_DONE);
-    }
-    let request = request.map(|inner| TrackedBody {
-        inner,
-        tracker: tracker.clone(),
-    });
-    (request, Dispatched(tracker))
-}
-
-/// A request handed to the service, not yet polled.
-#[derive(Debug)]
-pub struct Dispatched(Tracker);
-
-impl Dispatched {
-    /// Marks the request's service future as running; the [`Answering`] returned marks its answer
-    /// done when dropped (keep it with the response body).
-    pub fn polled(self) -> Answering {
-        self.0.mark(POLLED);
-        Answering(self.0.progress)
-    }
-}
-
-/// Marks a request answered when dropped.
-#[derive(Debug)]
-pub struct Answering(Arc<Progress>);
-
-impl Drop for Answering {
-    fn drop(&mut self) {
-        self.0.bump(&self.0.answered);
-    }
-}
-
-/// A request body that tells its connection's guard when it was read to its end or dropped.
-#[derive(Debug)]
-pub struct TrackedBody<B> {
-    inner: B,
-    tracker: Tracker,
-}
-
-impl<B> Drop for TrackedBody<B> {
-    fn drop(&mut self) {
-        self.tracker.mark(BODY_DONE);
-    }
-}
-
-impl<B> http_body::Body for TrackedBody<B>
-where
-    B: http_body::Body<Data = Bytes> + Unpin,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<http_body::Frame<Bytes>, B::Error>>> {
-        let this = self.get_mut();
-        let frame = Pin::new(&mut this.inner).poll_frame(cx);
-        match &frame {
-            Poll::Ready(None | Some(Err(_))) => this.tracker.mark(BODY_DONE),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.tracker.mark(BODY_DONE),
-            _ => {}
-        }
-        frame
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> http_body::SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// How the socket's input ended.
-#[derive(Debug)]
-enum End {
-    Eof,
-    Error(io::Error),
-    /// Handed on to hyper: from now on every read ends at once.
-    Passed,
-}
-
-/// The end of input, held back until hyper moves on or the hold runs out.
-#[derive(Debug)]
-struct Hold {
-    deadline: Pin<Box<Sleep>>,
-    /// [`Progress::steps`] when the deadline was last set.
-    steps: u64,
-}
-
-/// A socket whose input hyper reads only through the head checks (see the module's doc).
-#[derive(Debug)]
-pub struct HeadGuard<T> {
-    inner: T,
-    gate: Gate,
-    progress: Arc<Progress>,
-    end: Option<End>,
-    hold: Option<Hold>,
-    hold_for: Duration,
-}
-
-impl<T> HeadGuard<T> {
-    /// Guards `inner`; `progress` is what the connection's service reports to (see [`track`]).
-    pub fn new(inner: T, progress: Arc<Progress>) -> Self {
-        Self {
-            inner,
-            gate: Gate::new(),
-            progress,
-            end: None,
-            hold: None,
-            hold_for: HOLD_EOF_FOR,
-        }
-    }
-
-    /// Whether every request handed on got as far as the end of input needs it to: a request
-    /// whose body passed whole, to its handler with the body read (so that the end of input
-    /// drops a handler that logs); one cut short, to its service (which then reads the body's
-    /// error); the synthetic request, to its answer.
-    fn caught_up(&self) -> bool {
-        let counter = match self.gate.scanner.state {
-            State::Refused => &self.progress.answered,
-            _ if self.gate.scanner.between_requests() => &self.progress.taken,
-            _ => &self.progress.started,
-        };
-        counter.load(Ordering::SeqCst) >= self.gate.heads
-    }
-
-    /// Hands on the end of input once hyper caught up, or the hold ran out.
-    fn poll_end(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !matches!(self.end, Some(End::Passed)) && !self.caught_up() {
-            let steps = self.progress.steps();
-            match &mut self.hold {
-                Some(hold) if hold.steps != steps => {
-                    hold.deadline.as_mut().reset(Instant::now() + self.hold_for);
-                    hold.steps = steps;
-                }
-                Some(_) => {}
-                None => {
-                    self.hold = Some(Hold {
-                        deadline: Box::pin(tokio::time::sleep(self.hold_for)),
-                        steps,
-                    })
-                }
-            }
-            self.progress.waker.register(cx.waker());
-            // Checked again once registered, so that a step taken in between is not missed.
-            if !self.caught_up() {
-                let expired = self
-                    .hold
-                    .as_mut()
-                    .is_some_and(|hold| hold.deadline.as_mut().poll(cx).is_ready());
-                if !expired {
-                    return Poll::Pending;
-                }
-                debug!("hyper did not take the last request in time; passing the end of input");
-            }
-        }
-        self.hold = None;
-        match self.end.replace(End::Passed) {
-            Some(End::Error(error)) => Poll::Ready(Err(error)),
-            _ => Poll::Ready(Ok(())),
-        }
-    }
-
-    #[cfg(test)]
-    fn hold_for(mut self, hold_for: Duration) -> Self {
-        self.hold_for = hold_for;
-        self
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for HeadGuard<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        out: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if out.remaining() == 0 {
-            return Poll::Ready(Ok(()));
-        }
-        for _ in 0..READS_PER_POLL {
-            let ready = this.gate.ready();
-            if !ready.is_empty() {
-                let n = ready.len().min(out.remaining());
-                out.put_slice(&ready[..n]);
-                this.gate.consume(n);
-                return Poll::Ready(Ok(()));
-            }
-            if this.end.is_some() {
-                return this.poll_end(cx);
-            }
-            let mut read = ReadBuf::new(this.gate.spare());
-            match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                Poll::Ready(Ok(())) => {
-                    let n = read.filled().len();
-                    if n == 0 {
-                        this.gate.unspare();
-                        this.end = Some(End::Eof);
-                    } else {
-                        this.gate.commit(n);
-                    }
-                }
-                Poll::Ready(Err(error)) => {
-                    this.gate.unspare();
-                    this.end = Some(End::Error(error));
-                }
-                Poll::Pending => {
-                    this.gate.unspare();
-                    return Poll::Pending;
-                }
-            }
-        }
-        // Each round read something (a head still incomplete, or input discarded after a
-        // refusal): let other tasks run, then carry on.
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for HeadGuard<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use std::collections::VecDeque;
-    use std::task::Waker;
-
+pub(super) mod tests {
     use proptest::prelude::*;
 
     use super::*;
@@ -1171,7 +598,11 @@ mod tests {
 
     /// Feeds `input` in pieces of the sizes of `splits` (cycled) and reads it out in pieces of
     /// `reads` (cycled); returns what came out and the heads counted.
-    fn through_gate(input: &[u8], splits: &[usize], reads: &[usize]) -> (Vec<u8>, u64) {
+    pub(in crate::head_guard) fn through_gate(
+        input: &[u8],
+        splits: &[usize],
+        reads: &[usize],
+    ) -> (Vec<u8>, u64) {
         let mut gate = Gate::new();
         let mut out = Vec::new();
         let mut reads = reads.iter().cycle();
@@ -1390,168 +821,5 @@ mod tests {
             "hyper gets it as it is, and refuses the body itself"
         );
         assert_eq!(heads, 1);
-    }
-
-    #[test]
-    fn the_synthetic_request_is_answered_only_with_this_process_nonce() {
-        let headers = |value: String| {
-            let mut headers = HeaderMap::new();
-            headers.insert(REFUSED_HEADER, HeaderValue::from_str(&value).unwrap());
-            headers
-        };
-        for refusal in Refusal::ALL {
-            let answer = refusal_answer(&headers(format!("{} {}", nonce(), refusal.token())))
-                .expect("answered");
-            assert_eq!(answer.status(), refusal.status());
-            assert_eq!(answer.headers()[header::CONNECTION], "close");
-            assert!(answer
-                .headers()
-                .contains_key(crate::routes::REQUEST_ID_HEADER));
-            assert!(refusal.message().len() > 10);
-        }
-        let forged = format!("{:032x} header-value", 0u128);
-        assert!(refusal_answer(&headers(forged)).is_none());
-        assert!(refusal_answer(&headers(format!("{} unknown", nonce()))).is_none());
-        assert!(refusal_answer(&headers(nonce().to_string())).is_none());
-        assert!(refusal_answer(&HeaderMap::new()).is_none());
-        // The synthetic request itself is a head the guard accepts.
-        let synthetic = synthetic_request(Refusal::Http2);
-        let (out, heads) = through_gate(synthetic.as_bytes(), &[usize::MAX], &[usize::MAX]);
-        assert_eq!(out, synthetic.as_bytes());
-        assert_eq!(heads, 1);
-    }
-
-    /// A socket that yields `chunks`, then the end of input.
-    struct Script(VecDeque<Vec<u8>>);
-
-    impl AsyncRead for Script {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut Context<'_>,
-            out: &mut ReadBuf<'_>,
-        ) -> Poll<io::Result<()>> {
-            if let Some(chunk) = self.get_mut().0.pop_front() {
-                out.put_slice(&chunk);
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// Reads once with a waker that does nothing.
-    fn read_once<T: AsyncRead + Unpin>(guard: &mut HeadGuard<T>) -> Poll<Vec<u8>> {
-        let mut storage = vec![0; 64 * 1024];
-        let mut out = ReadBuf::new(&mut storage);
-        let mut cx = Context::from_waker(Waker::noop());
-        match Pin::new(guard).poll_read(&mut cx, &mut out) {
-            Poll::Ready(result) => {
-                result.expect("no error");
-                Poll::Ready(out.filled().to_vec())
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn post(body: &[u8]) -> Vec<u8> {
-        let mut request = format!(
-            "POST /invocations HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        )
-        .into_bytes();
-        request.extend_from_slice(body);
-        request
-    }
-
-    #[tokio::test]
-    async fn the_end_of_input_waits_until_the_handler_has_its_request_and_body() {
-        let progress = Arc::new(Progress::default());
-        let request = post(b"{}");
-        let mut guard = HeadGuard::new(Script(VecDeque::from([request.clone()])), progress.clone());
-        assert_eq!(read_once(&mut guard), Poll::Ready(request));
-        // hyper parsed it and called the service, which has not run yet: the end waits.
-        assert_eq!(read_once(&mut guard), Poll::Pending);
-        let (request, dispatched) = track(Request::new(axum::body::Body::from("{}")), &progress);
-        let answering = dispatched.polled();
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Pending,
-            "the body is not read yet"
-        );
-        drop(request);
-        assert_eq!(read_once(&mut guard), Poll::Ready(Vec::new()));
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Ready(Vec::new()),
-            "and it stays ended"
-        );
-        drop(answering);
-    }
-
-    #[tokio::test]
-    async fn the_end_of_input_comes_anyway_when_the_hold_runs_out() {
-        let progress = Arc::new(Progress::default());
-        let mut guard = HeadGuard::new(Script(VecDeque::from([post(b"{}")])), progress)
-            .hold_for(Duration::from_millis(50));
-        assert!(read_once(&mut guard).is_ready());
-        assert_eq!(read_once(&mut guard), Poll::Pending);
-        tokio::time::sleep(Duration::from_millis(80)).await;
-        assert_eq!(read_once(&mut guard), Poll::Ready(Vec::new()));
-    }
-
-    #[tokio::test]
-    async fn a_request_cut_short_needs_only_its_service_to_run_before_the_end() {
-        let progress = Arc::new(Progress::default());
-        let mut cut = post(b"{\"input\": \"Hi\"}");
-        cut.truncate(cut.len() - 4);
-        let mut guard = HeadGuard::new(Script(VecDeque::from([cut.clone()])), progress.clone());
-        assert_eq!(read_once(&mut guard), Poll::Ready(cut));
-        assert_eq!(read_once(&mut guard), Poll::Pending);
-        let (_request, dispatched) = track(Request::new(axum::body::Body::from("{}")), &progress);
-        let _answering = dispatched.polled();
-        assert_eq!(read_once(&mut guard), Poll::Ready(Vec::new()));
-    }
-
-    #[tokio::test]
-    async fn after_a_refusal_the_end_of_input_waits_for_the_answer() {
-        let progress = Arc::new(Progress::default());
-        let mut guard = HeadGuard::new(
-            Script(VecDeque::from([
-                b"GET / HTTP/1.1\r\nx: \x01\r\n\r\n".to_vec(),
-                b"junk".to_vec(),
-            ])),
-            progress.clone(),
-        );
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Ready(synthetic_request(Refusal::HeaderValue).into_bytes())
-        );
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Pending,
-            "junk dropped, the end held"
-        );
-        let (request, dispatched) = track(Request::new(axum::body::Body::empty()), &progress);
-        let answering = dispatched.polled();
-        drop(request);
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Pending,
-            "taken, not answered yet"
-        );
-        drop(answering);
-        assert_eq!(read_once(&mut guard), Poll::Ready(Vec::new()));
-    }
-
-    #[tokio::test]
-    async fn an_idle_connection_ends_at_once() {
-        let progress = Arc::new(Progress::default());
-        let mut guard = HeadGuard::new(
-            Script(VecDeque::from([b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec()])),
-            progress,
-        );
-        assert_eq!(
-            read_once(&mut guard),
-            Poll::Ready(Vec::new()),
-            "a partial head is dropped"
-        );
     }
 }
