@@ -37,11 +37,10 @@ fn log_normaliser_avx2(logits: &[f32]) -> Option<(f32, f64)> {
 #[inline(always)]
 fn log_normaliser_body(logits: &[f32]) -> Option<(f32, f64)> {
     const LANES: usize = 16;
-    let max = logits
-        .iter()
-        .copied()
-        .filter(|l| !l.is_nan())
-        .fold(f32::NEG_INFINITY, f32::max);
+    // Lane-wise maxima (`max` ignores NaN), so that the pass vectorizes: one `max` after
+    // another over the row ran one logit at a time, ~40% of this function. The maximum is exact
+    // whatever the order (up to the sign of a zero maximum, which changes no `l − max`).
+    let max = crate::sampling::row_max(logits);
     if max == f32::NEG_INFINITY || max.is_infinite() {
         return None;
     }
@@ -154,15 +153,26 @@ fn log_normaliser_f32_body(logits: &[f32]) -> Option<(f32, f32)> {
 }
 
 /// `log_softmax(logits)` in f32, within an ulp of the f64 computation.
+#[cfg(test)]
 pub(crate) fn log_softmax(logits: &[f32]) -> Vec<f32> {
+    let mut out = Vec::new();
+    log_softmax_into(logits, &mut out);
+    out
+}
+
+/// `log_softmax(logits)` into `out` (replacing what it held), within an ulp of the f64
+/// computation.
+pub(crate) fn log_softmax_into(logits: &[f32], out: &mut Vec<f32>) {
+    out.clear();
     match log_normaliser(logits) {
-        None => vec![f32::NEG_INFINITY; logits.len()],
+        None => out.resize(logits.len(), f32::NEG_INFINITY),
         Some((max, log_sum)) => {
             let max = f64::from(max);
-            logits
-                .iter()
-                .map(|&l| (f64::from(l) - max - log_sum) as f32)
-                .collect()
+            out.extend(
+                logits
+                    .iter()
+                    .map(|&l| (f64::from(l) - max - log_sum) as f32),
+            );
         }
     }
 }

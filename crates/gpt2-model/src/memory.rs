@@ -14,11 +14,18 @@ const HUGE_PAGE: usize = 2 * 1024 * 1024;
 /// far (up to 32 MiB), so the buffers dropped while loading or quantizing weights, and finished
 /// requests' KV caches, would stay in the process's resident memory. Call once at start; a no-op
 /// elsewhere than glibc.
+///
+/// It also lets each allocator arena keep up to 4 MiB free at the top of its heap. Setting the
+/// mmap threshold pins glibc's trim threshold at 128 KiB, so the sub-MiB buffers of every decode
+/// step (logits, the LM head's tiles, activations) were handed back to the OS when dropped and
+/// page-faulted in again at the next step: ~640 faults per 5-beam step (124M q8_0), 4–15% of
+/// its time; 2 MiB left half of them. Larger blocks still get their own mappings.
 pub fn return_freed_memory_to_os() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only changes allocator tuning; any value is valid.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 4 << 20);
     }
 }
 
