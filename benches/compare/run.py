@@ -316,7 +316,8 @@ def llama_bench(args) -> Path:
 
 def run_llama_cpp(args, shapes: dict) -> None:
     """Adds entry["llama_cpp"] (tokens/s) and entry["vs_llama_cpp"] (ours tok/s / theirs) to
-    the default and greedy shapes, llama.cpp running the same weight format."""
+    the default and greedy shapes, llama.cpp running the same weight format (GGUF f32, q8_0 or
+    bf16 for --dtype f32, q8_0, bf16)."""
     sys.path.insert(0, str(HERE))
     import llama_cpp as lc  # benches/compare/llama_cpp.py
     bench = llama_bench(args)
@@ -330,7 +331,8 @@ def run_llama_cpp(args, shapes: dict) -> None:
                 continue
             log(f"shape {name}: llama.cpp {args.dtype}, {batch} sequence(s)")
             theirs = lc.llama_tokens_per_s(bench, gguf, batch, args.threads)
-            entry["llama_cpp"] = {"tokens_per_s": theirs, "sequences": batch}
+            entry["llama_cpp"] = {"tokens_per_s": theirs, "sequences": batch,
+                                  "weights": lc.LLAMA_TYPE_OF_DTYPE[args.dtype]}
             if entry["ours"]["tokens_per_s"]:
                 entry["vs_llama_cpp"] = entry["ours"]["tokens_per_s"] / theirs
     except SystemExit:
