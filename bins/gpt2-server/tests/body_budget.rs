@@ -7,17 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-use support::{read_response, HttpResponse, Server};
+use support::{connect, read_response, HttpResponse, Server};
 
 const MIB: usize = 1024 * 1024;
-
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-}
 
 /// Sends the head of a `POST /invocations` that declares `length` body bytes.
 fn start_upload(server: &Server, length: usize, extra_headers: &str) -> TcpStream {

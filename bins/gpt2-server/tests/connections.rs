@@ -7,15 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use support::{read_response, Server, LONG_REQUEST};
-
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-}
+use support::{connect, read_response, Server, LONG_REQUEST};
 
 /// Reads until the server closes the connection; returns what it sent and how long that took.
 fn read_until_closed(stream: &mut TcpStream) -> (String, Duration) {
@@ -43,6 +35,20 @@ fn read_ping_answer(stream: &mut TcpStream) -> String {
         "{head}"
     );
     head.lines().next().unwrap_or_default().to_string()
+}
+
+/// `count` kept-alive connections, each answered once, so that the server holds a slot for each.
+fn hold_kept_alive(server: &Server, count: usize) -> Vec<TcpStream> {
+    (0..count)
+        .map(|_| {
+            let mut stream = connect(server);
+            stream
+                .write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            assert!(read_ping_answer(&mut stream).starts_with("HTTP/1.1 200"));
+            stream
+        })
+        .collect()
 }
 
 fn ping_ms(server: &Server) -> u128 {
@@ -105,16 +111,7 @@ fn a_stalled_body_gets_408_after_the_body_timeout() {
 fn past_the_connection_cap_ping_still_answers_and_the_rest_get_503() {
     let server = Server::start(&["--max-connections", "4", "--header-timeout-secs", "60"]);
     // Four kept-alive connections, each answered once: the server holds them in its four slots.
-    let held: Vec<TcpStream> = (0..4)
-        .map(|_| {
-            let mut stream = connect(&server);
-            stream
-                .write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            assert!(read_ping_answer(&mut stream).starts_with("HTTP/1.1 200"));
-            stream
-        })
-        .collect();
+    let held = hold_kept_alive(&server, 4);
     assert!(ping_ms(&server) < 100, "ping answers on the overflow pool");
     let ping = server.request("GET", "/ping", &[("X-Request-Id", "overflow-1")], b"");
     assert_eq!(ping.header("x-request-id"), Some("overflow-1"));
@@ -193,16 +190,7 @@ fn requests_dropped_at_the_end_of_the_grace_period_are_logged_as_such_before_sto
 #[test]
 fn with_the_overflow_pool_full_of_idle_clients_a_new_ping_connection_still_answers() {
     let server = Server::start(&["--max-connections", "2", "--header-timeout-secs", "60"]);
-    let _held: Vec<TcpStream> = (0..2)
-        .map(|_| {
-            let mut stream = connect(&server);
-            stream
-                .write_all(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
-                .unwrap();
-            assert!(read_ping_answer(&mut stream).starts_with("HTTP/1.1 200"));
-            stream
-        })
-        .collect();
+    let _held = hold_kept_alive(&server, 2);
     // More idle clients than the 64 overflow slots: each would hold one for 2 s.
     let _idle: Vec<TcpStream> = (0..80).map(|_| connect(&server)).collect();
     std::thread::sleep(Duration::from_millis(300));

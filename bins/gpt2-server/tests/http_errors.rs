@@ -9,15 +9,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::{Duration, Instant};
 
-use support::{read_response, HttpResponse, Server};
-
-fn connect(server: &Server) -> TcpStream {
-    let stream = TcpStream::connect(("127.0.0.1", server.port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream
-}
+use support::{connect, read_response, HttpResponse, Server};
 
 /// Sends raw bytes on a new connection and reads the answer to the end of the connection.
 fn send_raw(server: &Server, bytes: &[u8]) -> HttpResponse {

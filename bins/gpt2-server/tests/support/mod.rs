@@ -214,6 +214,15 @@ impl HttpResponse {
     }
 }
 
+/// A raw connection to `server`, with a 30 s read timeout.
+pub fn connect(server: &Server) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", server.port)).expect("the server accepts");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("a read timeout");
+    stream
+}
+
 pub fn read_response(stream: &mut TcpStream) -> std::io::Result<HttpResponse> {
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw)?;
