@@ -246,12 +246,21 @@ fn the_description_lists_every_request_field_with_its_default_and_limits() {
 #[test]
 fn the_description_lists_every_error_type_the_server_answers() {
     let mut kinds: BTreeSet<String> = BTreeSet::new();
-    let sources = repo_root().join("bins/gpt2-server/src");
-    for entry in std::fs::read_dir(&sources).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "rs") {
-            continue;
+    // Every source file, in modules' directories too (`openai/`, `head_guard/`).
+    let mut pending = vec![repo_root().join("bins/gpt2-server/src")];
+    let mut sources = Vec::new();
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                sources.push(path);
+            }
         }
+    }
+    assert!(sources.iter().any(|p| p.ends_with("head_guard/refusal.rs")));
+    for path in sources {
         let text = std::fs::read_to_string(&path).unwrap();
         // `ApiError::new(StatusCode::X, "kind", ...)`, however formatted.
         for (at, _) in text.match_indices("StatusCode::") {
