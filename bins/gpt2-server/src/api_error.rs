@@ -24,6 +24,14 @@ impl ApiError {
         }
     }
 
+    /// `503 overloaded` with `Retry-After: 1`: the client should retry shortly.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self {
+            retry_after: Some(1),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message)
+        }
+    }
+
     pub fn not_found(path: &str) -> Self {
         Self::new(
             StatusCode::NOT_FOUND,
@@ -57,10 +65,7 @@ impl From<RequestError> for ApiError {
 impl From<SubmitError> for ApiError {
     fn from(e: SubmitError) -> Self {
         match e {
-            SubmitError::QueueFull { .. } => Self {
-                retry_after: Some(1),
-                ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", e.to_string())
-            },
+            SubmitError::QueueFull { .. } => Self::overloaded(e.to_string()),
             SubmitError::DeadlineExceeded(_) => Self::new(
                 StatusCode::GATEWAY_TIMEOUT,
                 "deadline_exceeded",

@@ -13,7 +13,6 @@ use std::task::{Context, Poll};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use http_body::{Body as _, Frame, SizeHint};
@@ -71,14 +70,9 @@ impl std::error::Error for OverBudget {}
 
 /// The answer to a body that did not fit.
 pub fn over_budget() -> ApiError {
-    ApiError {
-        retry_after: Some(1),
-        ..ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "overloaded",
-            "the server is receiving too many request bodies at once (--body-budget-mb); retry",
-        )
-    }
+    ApiError::overloaded(
+        "the server is receiving too many request bodies at once (--body-budget-mb); retry",
+    )
 }
 
 /// Whether a body read failed because it did not fit the budget.
@@ -98,17 +92,15 @@ pub async fn reserve(State(budget): State<BodyBudget>, request: Request, next: N
     if request.body().is_end_stream() {
         return next.run(request).await;
     }
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok());
-    let state = match declared {
+    let state = match crate::routes::declared_length(request.headers()) {
         // Over the per-body cap: the body limit answers 413 before much of it is read.
-        Some(length) if length > crate::routes::MAX_BODY_BYTES => Reservation::Unbudgeted,
-        Some(length) => match budget.try_reserve(length) {
+        Some(length) if length > crate::routes::MAX_BODY_BYTES as u64 => Reservation::Unbudgeted,
+        // At most the 6 MiB cap here.
+        Some(length) => match budget.try_reserve(length as usize) {
             Some(permit) => Reservation::Reserved { _held: permit },
-            None if waits_for_continue(&request) => return over_budget().into_response(),
+            None if crate::routes::waits_for_continue(request.headers()) => {
+                return over_budget().into_response()
+            }
             None => Reservation::Discarding,
         },
         None => Reservation::PerFrame(Vec::new()),
@@ -121,14 +113,6 @@ pub async fn reserve(State(budget): State<BodyBudget>, request: Request, next: N
         })
     });
     next.run(request).await
-}
-
-fn waits_for_continue(request: &Request) -> bool {
-    request
-        .headers()
-        .get(header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
 enum Reservation {

@@ -276,18 +276,8 @@ fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
 async fn check_upload(request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let invocation = path == "/invocations" || path.starts_with("/endpoints/");
-    let waits_for_continue = request
-        .headers()
-        .get(header::EXPECT)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
-    if request.method() == Method::POST && invocation && waits_for_continue {
-        let length = request
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        if length.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+    if request.method() == Method::POST && invocation && waits_for_continue(request.headers()) {
+        if declared_length(request.headers()).is_some_and(|length| length > MAX_BODY_BYTES as u64) {
             return too_large().into_response();
         }
         if let Err(error) = check_content_type(request.headers()) {
@@ -295,6 +285,22 @@ async fn check_upload(request: Request, next: Next) -> Response {
         }
     }
     next.run(request).await
+}
+
+/// Whether the client waits for `100 Continue` before sending its body.
+pub(crate) fn waits_for_continue(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
+/// The body length the `Content-Length` header declares, when it is a number.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 pub(crate) fn too_large() -> ApiError {

@@ -236,15 +236,7 @@ async fn serve_overflow(stream: TcpStream) {
             let mut response = if request.uri().path() == "/ping" {
                 StatusCode::OK.into_response()
             } else {
-                ApiError {
-                    retry_after: Some(1),
-                    ..ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "the server has too many open connections",
-                    )
-                }
-                .into_response()
+                ApiError::overloaded("the server has too many open connections").into_response()
             };
             if let Ok(value) = axum::http::HeaderValue::from_str(&id) {
                 response
