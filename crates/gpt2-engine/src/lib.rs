@@ -57,7 +57,7 @@ pub use gpt2_schema::{
     GenerationRequest, GenerationRequestBuilder, GenerationResponse, Limits, Mode, RequestError,
 };
 pub use pipeline::{GenerationOutput, GenerationStream, ModelSource, Pipeline, DEFAULT_MODEL_DIR};
-pub use run::{generate_ids, Decoding, Prefill, TokenScore, PREFILL_CHUNK_GRAIN};
+pub use run::{generate_ids, Decoding, Prefill, TokenScore};
 pub use worker::{
     Completed, Engine, EngineConfig, EngineStats, EngineStream, StreamTimings, SubmitError,
 };

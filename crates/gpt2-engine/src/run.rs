@@ -4,19 +4,6 @@ use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError};
 
 use crate::EngineError;
 
-/// Prefill chunks are whole multiples of this many tokens (the last one excepted). Measured on
-/// the demo and 124M shapes: chunks of 64, 128, 192 or 256 tokens give exactly the one-shot
-/// prefill's bits, while 100-token chunks, or a last chunk of 16 tokens or fewer (which takes the
-/// decode kernels instead of gemm), change the last bits of the logits. So chunking never changes
-/// an answer (`chunked_prefill_is_bit_identical_to_one_shot` keeps it so).
-pub const PREFILL_CHUNK_GRAIN: usize = 64;
-
-/// A last chunk shorter than this is merged into the one before: well above the 16 rows under
-/// which the linear layers take the decode kernels. (Merging every remainder under a grain made
-/// the last chunk of a 1,000-token prompt 104 tokens: 430 ms against 130-200 ms for the others
-/// at 64-token chunks, on the 124M shape and the 2-vCPU EPYC.)
-const MIN_LAST_CHUNK: usize = 32;
-
 /// A prompt on its way into a KV cache, one chunk at a time, so that an engine can run decode
 /// steps of other requests between the chunks of a long prompt.
 #[derive(Debug)]
@@ -24,8 +11,8 @@ pub struct Prefill {
     generator: Generator,
     cache: KvCache,
     prompt: Vec<u32>,
-    /// The sizes of the chunks still to run, in order.
-    chunks: std::collections::VecDeque<usize>,
+    /// Most prompt tokens per chunk.
+    chunk_tokens: usize,
     /// Prompt tokens already in the cache.
     done: usize,
     score_prompt: bool,
@@ -35,9 +22,11 @@ pub struct Prefill {
 }
 
 impl Prefill {
-    /// Plans the prefill of `prompt` in chunks of `chunk_tokens` rounded down to a multiple of
-    /// [`PREFILL_CHUNK_GRAIN`] (at least one grain; a last chunk of fewer than 32 tokens is merged
-    /// into the one before); `usize::MAX` runs it in one piece. Checks the parameters (through [`Generator::new`]) before any work.
+    /// Plans the prefill of `prompt` in chunks of `chunk_tokens` (at least 1; `usize::MAX` runs
+    /// it in one piece). Every prefill kernel computes a position's values from that position and
+    /// the ones before it only, so chunks of any size give exactly the one-shot prefill's bits
+    /// (`chunked_prefill_is_bit_identical_to_one_shot`). Checks the parameters (through
+    /// [`Generator::new`]) before any work.
     pub fn new(
         model: &Gpt2Model,
         prompt: &[u32],
@@ -52,7 +41,7 @@ impl Prefill {
             generator,
             cache: model.new_cache_with_capacity(max_length),
             prompt: prompt.to_vec(),
-            chunks: plan_chunks(prompt.len(), chunk_tokens).into(),
+            chunk_tokens: chunk_tokens.max(1),
             done: 0,
             score_prompt,
             top_n,
@@ -68,7 +57,13 @@ impl Prefill {
 
     /// Tokens the next [`Prefill::run_chunk`] runs (0 when done).
     pub fn next_chunk_tokens(&self) -> usize {
-        self.chunks.front().copied().unwrap_or(0)
+        self.chunk_tokens.min(self.remaining_tokens())
+    }
+
+    /// Sets the most prompt tokens of the chunks still to run (at least 1): an engine can take
+    /// longer chunks while nothing else is decoding. The answer does not change.
+    pub fn set_chunk_tokens(&mut self, chunk_tokens: usize) {
+        self.chunk_tokens = chunk_tokens.max(1);
     }
 
     /// Prompt tokens not yet in the cache.
@@ -78,22 +73,26 @@ impl Prefill {
 
     /// Whether every chunk has run.
     pub fn is_done(&self) -> bool {
-        self.chunks.is_empty()
+        self.remaining_tokens() == 0
     }
 
     /// Runs the next chunk through the model.
     pub fn run_chunk(&mut self, model: &Gpt2Model) -> Result<(), EngineError> {
-        let Some(len) = self.chunks.pop_front() else {
+        let len = self.next_chunk_tokens();
+        if len == 0 {
             return Ok(());
-        };
+        }
+        let last_chunk = len == self.remaining_tokens();
         let vocab = model.config().vocab_size;
         let chunk = &self.prompt[self.done..self.done + len];
         let tokens =
             Tensor::from_slice(chunk, (1, len), model.device()).map_err(ModelError::from)?;
         let which = if self.score_prompt {
             LogitsFor::All
-        } else {
+        } else if last_chunk {
             LogitsFor::Last
+        } else {
+            LogitsFor::None
         };
         let logits = model
             .forward(&tokens, &mut self.cache, which)?
@@ -109,9 +108,11 @@ impl Prefill {
                 }
             }
         }
-        let last = logits.len().saturating_sub(vocab);
-        self.last_logits.clear();
-        self.last_logits.extend_from_slice(&logits[last..]);
+        if last_chunk {
+            let last = logits.len().saturating_sub(vocab);
+            self.last_logits.clear();
+            self.last_logits.extend_from_slice(&logits[last..]);
+        }
         self.done += len;
         Ok(())
     }
@@ -133,26 +134,6 @@ impl Prefill {
         decoding.advance(&self.last_logits)?;
         Ok(decoding)
     }
-}
-
-/// Chunk sizes for a prompt of `len` tokens: `chunk_tokens` rounded down to whole grains (at
-/// least one), the last merged into the one before when shorter than [`MIN_LAST_CHUNK`].
-fn plan_chunks(len: usize, chunk_tokens: usize) -> Vec<usize> {
-    let chunk = (chunk_tokens / PREFILL_CHUNK_GRAIN).max(1) * PREFILL_CHUNK_GRAIN;
-    let mut chunks = Vec::new();
-    let mut left = len;
-    while left > 0 {
-        let take = if left <= chunk { left } else { chunk };
-        chunks.push(take);
-        left -= take;
-    }
-    if chunks.len() > 1 && chunks.last().is_some_and(|&l| l < MIN_LAST_CHUNK) {
-        let last = chunks.pop().unwrap_or(0);
-        if let Some(before) = chunks.last_mut() {
-            *before += last;
-        }
-    }
-    chunks
 }
 
 /// A token's log-probability and its most likely alternatives `(id, log-probability)`.
@@ -299,38 +280,40 @@ mod tests {
     use gpt2_generation::Strategy;
 
     #[test]
-    fn chunks_cover_the_prompt_and_the_last_is_never_short() {
-        assert_eq!(plan_chunks(10, usize::MAX), [10]);
-        assert_eq!(plan_chunks(256, 256), [256]);
-        assert_eq!(
-            plan_chunks(280, 256),
-            [280],
-            "a last chunk under 32 is merged"
-        );
-        assert_eq!(plan_chunks(300, 256), [256, 44]);
-        assert_eq!(
-            plan_chunks(1000, 128),
-            [128, 128, 128, 128, 128, 128, 128, 104]
-        );
-        assert_eq!(plan_chunks(1000, 64)[15], 40);
-        assert_eq!(
-            plan_chunks(200, 8),
-            [64, 64, 72],
-            "chunks are at least 64 tokens"
-        );
-        assert_eq!(
-            plan_chunks(200, 100),
-            [64, 64, 72],
-            "and whole multiples of 64"
-        );
-        assert!(plan_chunks(0, 64).is_empty());
+    fn chunks_cover_the_prompt_at_the_size_asked_for_then() {
+        let model = Gpt2Model::demo();
+        let prompt: Vec<u32> = (0..100u32).collect();
+        let params = GenerationParams {
+            strategy: Strategy::Greedy,
+            max_length: 110,
+            num_return_sequences: 1,
+            eos_token_id: None,
+            seed: None,
+            processing: Default::default(),
+            top_logprobs: 0,
+        };
+        let mut prefill = Prefill::new(&model, &prompt, params, false, 40).unwrap();
+        let mut sizes = Vec::new();
+        while !prefill.is_done() {
+            sizes.push(prefill.next_chunk_tokens());
+            prefill.run_chunk(&model).unwrap();
+            if sizes.len() == 1 {
+                prefill.set_chunk_tokens(7);
+            }
+            if sizes.len() == 2 {
+                prefill.set_chunk_tokens(usize::MAX);
+            }
+        }
+        assert_eq!(sizes, [40, 7, 53]);
+        assert_eq!(prefill.next_chunk_tokens(), 0);
+        assert_eq!(prefill.cache.seq_len(), 100);
+        assert_eq!(prefill.last_logits.len(), model.config().vocab_size);
     }
 
     #[test]
     fn chunked_prefill_is_bit_identical_to_one_shot() {
         let model = Gpt2Model::demo();
         let prompt: Vec<u32> = (0..400u32).map(|i| (i * 7919 + 13) % 50_000).collect();
-        // Last chunks of 33 to 63 tokens, of whole grains, and merged ones.
         for len in [97, 161, 200, 257, 300, 400] {
             let prompt = &prompt[..len];
             let params = GenerationParams {
@@ -349,7 +332,7 @@ mod tests {
                 prefill
             };
             let reference = one_shot();
-            for chunk in [64, 128, 192] {
+            for chunk in [1, 16, 64, 100, 128, 192] {
                 let mut chunked =
                     Prefill::new(&model, prompt, params.clone(), true, chunk).unwrap();
                 while !chunked.is_done() {

@@ -133,6 +133,7 @@ impl KvBuffer {
     }
 
     /// Appends `len` values from `at`, as f32, to `out`.
+    #[cfg(test)]
     pub(crate) fn read_into(&self, at: usize, len: usize, out: &mut Vec<f32>) {
         match self {
             Self::F32(values) => out.extend_from_slice(&values[at..at + len]),
@@ -220,23 +221,6 @@ impl KvCache {
     pub(crate) fn buffers(&self, layer: usize) -> (&KvBuffer, &KvBuffer) {
         let entry = &self.layers[layer];
         (&entry.k, &entry.v)
-    }
-
-    /// The first `positions` keys and values of `layer` for every row, as f32
-    /// `(rows, n_head, positions, head_dim)`: what a prefill continuing a cache attends to.
-    pub(crate) fn gather(&self, layer: usize, positions: usize) -> (Vec<f32>, Vec<f32>) {
-        let d = self.head_dim;
-        let gather = |buffer: &KvBuffer| {
-            let mut data = Vec::with_capacity(self.rows * self.n_head * positions * d);
-            for row in 0..self.rows {
-                for head in 0..self.n_head {
-                    buffer.read_into(self.offset(row, head, 0), positions * d, &mut data);
-                }
-            }
-            data
-        };
-        let entry = &self.layers[layer];
-        (gather(&entry.k), gather(&entry.v))
     }
 
     /// Number of sequences cached, `None` while empty.

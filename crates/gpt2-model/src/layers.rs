@@ -114,12 +114,8 @@ impl Block {
         xs: &Tensor,
         cache: &mut KvCache,
         layer: usize,
-        mask: Option<&Tensor>,
     ) -> candle_core::Result<Tensor> {
-        let xs = (xs
-            + self
-                .attn
-                .forward(&self.ln_1.forward(xs)?, cache, layer, mask)?)?;
+        let xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?, cache, layer)?)?;
         &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
     }
 

@@ -4,7 +4,8 @@
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::bf16::{self, Bf16Matrix};
-use crate::kernels::matmul_f32::{SmallRowsMatmul, MAX_ROWS};
+use crate::kernels::gemm_f32::PrefillGemm;
+use crate::kernels::matmul_f32::SmallRowsMatmul;
 use crate::kernels::q8_0::{self, Q8Matrix};
 use crate::weights::NamedTensors;
 use crate::ModelError;
@@ -187,26 +188,22 @@ pub(crate) fn dense_bf16(w: &Tensor) -> candle_core::Result<Option<Bf16Matrix>> 
     }))
 }
 
-/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`. Decode-shaped inputs (a few rows)
-/// go to the streaming kernel, larger ones to gemm.
+/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`, for a prefill: our packed-panel
+/// GEMM, whatever the number of rows, so that a row's bits never depend on the rows beside it
+/// (chunked prefills give the one-shot bits) and so that 16 rows or fewer are not left to the
+/// streaming kernel, which rereads the weights per row group.
 fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    linear_with(xs, w, bias, MAX_ROWS)
+    if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
+        xs.contiguous()?.apply_op3_no_bwd(w, bias, &PrefillGemm)
+    } else {
+        xs.matmul(&w.t()?)?.broadcast_add(bias)
+    }
 }
 
 /// [`linear`] for decode steps: the streaming kernel whatever the number of rows, so that a row's
 /// result never depends on how many other rows share the step.
 fn linear_step(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
-    linear_with(xs, w, bias, usize::MAX)
-}
-
-fn linear_with(
-    xs: &Tensor,
-    w: &Tensor,
-    bias: &Tensor,
-    kernel_rows: usize,
-) -> candle_core::Result<Tensor> {
-    let rows = xs.dim(0)?;
-    if rows <= kernel_rows && matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
+    if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
         xs.contiguous()?.apply_op3_no_bwd(w, bias, &SmallRowsMatmul)
     } else {
         xs.matmul(&w.t()?)?.broadcast_add(bias)

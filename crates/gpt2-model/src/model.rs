@@ -20,6 +20,9 @@ pub enum LogitsFor {
     Last,
     /// Every position (parity tests, scoring).
     All,
+    /// No position: the chunks of a prompt before its last only fill the cache (the LM head
+    /// reads 154 MB of f32 weights on the 124M shape, even for one row).
+    None,
 }
 
 impl Gpt2Model {
@@ -280,7 +283,7 @@ impl Gpt2Model {
 
     /// Runs `tokens` (`(batch, new)`, u32) after what `cache` already holds, appends their keys
     /// and values to `cache`, and returns logits `(batch, positions, vocab)`, where positions is
-    /// 1 for [`LogitsFor::Last`] and `new` for [`LogitsFor::All`].
+    /// 1 for [`LogitsFor::Last`], `new` for [`LogitsFor::All`] and 0 for [`LogitsFor::None`].
     ///
     /// Every sequence of the batch continues from the same past length.
     pub fn forward(
@@ -322,7 +325,8 @@ impl Gpt2Model {
                 self.config.vocab_size
             )));
         }
-        let logits = self.forward_unchecked(tokens, cache, logits_for)?;
+        // On a pool thread, as a decode step (see there).
+        let logits = rayon::scope(|_| self.forward_unchecked(tokens, cache, logits_for))?;
         cache.commit(past + new);
         Ok(logits)
     }
@@ -342,18 +346,16 @@ impl Gpt2Model {
             .reshape((batch, new, n_embd))?;
         let position_embeddings = self.wpe.narrow(0, past, new)?;
         let mut xs = token_embeddings.broadcast_add(&position_embeddings)?;
-        let mask = if new > 1 {
-            Some(causal_mask(past, new, &self.device)?)
-        } else {
-            None
-        };
         cache.prepare(batch, past + new);
         for (layer, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs, cache, layer, mask.as_ref())?;
+            xs = block.forward(&xs, cache, layer)?;
         }
         let xs = match logits_for {
             LogitsFor::Last => xs.narrow(1, new - 1, 1)?,
             LogitsFor::All => xs,
+            LogitsFor::None => {
+                return Tensor::zeros((batch, 0, self.config.vocab_size), DType::F32, &self.device)
+            }
         };
         let positions = xs.dim(1)?;
         let xs = self
@@ -513,21 +515,4 @@ impl TokenEmbeddings {
             }
         }
     }
-}
-
-/// `(new, past + new)`: 0 where query `i` may attend key `j` (`j ≤ past + i`), −∞ elsewhere.
-fn causal_mask(past: usize, new: usize, device: &Device) -> candle_core::Result<Tensor> {
-    let total = past + new;
-    let mask: Vec<f32> = (0..new)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j <= past + i {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(mask, (new, total), device)
 }

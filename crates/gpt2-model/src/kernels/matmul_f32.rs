@@ -20,8 +20,6 @@ const ROW_BLOCK: usize = 4;
 /// Activation rows processed together, so each weight load feeds several FMAs.
 #[cfg(target_arch = "x86_64")]
 const ROW_GROUP: usize = 4;
-/// Largest number of activation rows the kernel handles; beyond it gemm wins.
-pub(crate) const MAX_ROWS: usize = 16;
 
 #[inline(always)]
 fn multiply_add<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
@@ -366,7 +364,7 @@ pub(crate) fn small_rows_matmul_with(
     })
 }
 
-/// `x · wᵀ + b` as a candle op, for `x` with at most [`MAX_ROWS`] rows.
+/// `x · wᵀ + b` as a candle op: a decode step's rows, however many.
 pub(crate) struct SmallRowsMatmul;
 
 impl CustomOp3 for SmallRowsMatmul {

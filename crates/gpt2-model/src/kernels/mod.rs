@@ -4,9 +4,11 @@
 //! | file | what |
 //! | --- | --- |
 //! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` |
+//! | `gemm_f32.rs` | many activation rows (prefill) times an f32 weight matrix, packed panels |
 //! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
 //! | `bf16.rs` | bf16 weights and their matmul (`vdpbf16ps`, or widening and FMA) |
-//! | `attention.rs` | one query per head over its cached keys and values |
+//! | `attention.rs` | one query per head over its cached keys and values (a decode step) |
+//! | `causal_attention.rs` | a prefill chunk's queries per head, each to its own position |
 //! | `activation.rs` | `gelu_new` without libm |
 //!
 //! Every family follows one pattern: a safe `*_with(isa, …)` entry point checks the slice
@@ -18,6 +20,8 @@
 pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod bf16;
+pub(crate) mod causal_attention;
+pub(crate) mod gemm_f32;
 pub(crate) mod matmul_f32;
 pub(crate) mod q8_0;
 
