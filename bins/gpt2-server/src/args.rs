@@ -175,14 +175,14 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=(1 << 30))
     )]
     pub kv_budget_mb: Option<u64>,
-    /// Prompt tokens prefilled between two decode steps (64-8192): a longer prompt is prefilled
-    /// in chunks of this size (a multiple of 64), so running streams wait at most one chunk.
+    /// Prompt tokens prefilled between two decode steps (1-8192): a longer prompt is prefilled
+    /// in chunks of this size, so running streams wait at most one chunk.
     #[arg(
         long,
         env = "GPT2_PREFILL_CHUNK_TOKENS",
         value_name = "TOKENS",
         default_value_t = 64,
-        value_parser = clap::value_parser!(u64).range(64..=8192)
+        value_parser = clap::value_parser!(u64).range(1..=8192)
     )]
     pub prefill_chunk_tokens: u64,
     /// Most sequence rows (sequences or beams) in one decode step (1-4096); requests beyond wait

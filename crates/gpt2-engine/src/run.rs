@@ -78,27 +78,37 @@ impl Prefill {
 
     /// Runs the next chunk through the model.
     pub fn run_chunk(&mut self, model: &Gpt2Model) -> Result<(), EngineError> {
+        let Some((tokens, which)) = self.chunk_input(model)? else {
+            return Ok(());
+        };
+        let logits = model.forward(&tokens, &mut self.cache, which)?;
+        Ok(self.take_chunk_logits(model, &logits)?)
+    }
+
+    /// The next chunk's `(1, len)` tokens and the logits it needs; `None` when done.
+    fn chunk_input(&self, model: &Gpt2Model) -> Result<Option<(Tensor, LogitsFor)>, ModelError> {
         let len = self.next_chunk_tokens();
         if len == 0 {
-            return Ok(());
+            return Ok(None);
         }
-        let last_chunk = len == self.remaining_tokens();
-        let vocab = model.config().vocab_size;
         let chunk = &self.prompt[self.done..self.done + len];
-        let tokens =
-            Tensor::from_slice(chunk, (1, len), model.device()).map_err(ModelError::from)?;
+        let tokens = Tensor::from_slice(chunk, (1, len), model.device())?;
         let which = if self.score_prompt {
             LogitsFor::All
-        } else if last_chunk {
+        } else if len == self.remaining_tokens() {
             LogitsFor::Last
         } else {
             LogitsFor::None
         };
-        let logits = model
-            .forward(&tokens, &mut self.cache, which)?
-            .flatten_all()
-            .and_then(|t| t.to_vec1::<f32>())
-            .map_err(ModelError::from)?;
+        Ok(Some((tokens, which)))
+    }
+
+    /// Records a chunk's logits (`(1, positions, vocab)`) once it ran.
+    fn take_chunk_logits(&mut self, model: &Gpt2Model, logits: &Tensor) -> Result<(), ModelError> {
+        let len = self.next_chunk_tokens();
+        let last_chunk = len == self.remaining_tokens();
+        let vocab = model.config().vocab_size;
+        let logits = logits.flatten_all()?.to_vec1::<f32>()?;
         if self.score_prompt {
             // Row j holds the distribution of the token after position done + j.
             for (j, row) in logits.chunks_exact(vocab).enumerate() {

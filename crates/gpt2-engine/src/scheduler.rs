@@ -1,7 +1,7 @@
 //! The inference thread's loop: continuous batching under two budgets.
 //!
 //! Each round prefills at most `prefill_chunk_tokens` prompt tokens (a long prompt one chunk at a
-//! time, a few short prompts whole), then runs one decode step over the pending tokens of every
+//! time, a few short prompts whole; at least 256 while nothing decodes), then runs one decode step over the pending tokens of every
 //! running request, so each weight is read once per step for all of them. Requests join the
 //! batch in arrival order while their rows fit under `max_batch_rows`; finished ones leave at
 //! once.
@@ -20,6 +20,10 @@ use crate::{Decoding, EngineConfig, EngineError, Pipeline};
 /// weight once, as a decode step does, so a burst of short prompts would otherwise hold the
 /// running streams for many steps' worth of time.
 const PREFILLS_PER_ROUND: usize = 2;
+
+/// Prompt tokens per chunk while no request is decoding: nothing waits on the chunks then but
+/// requests that may arrive meanwhile, and longer chunks prefill faster.
+const IDLE_PREFILL_CHUNK_TOKENS: usize = 256;
 
 /// The budgets of the loop, from [`EngineConfig`].
 #[derive(Debug, Clone, Copy)]
@@ -177,9 +181,14 @@ fn prefill_round<'p>(
     prefilling: &mut Option<Prefilling>,
     running: &mut Vec<Running<'p>>,
 ) -> usize {
-    let mut budget = schedule.prefill_chunk_tokens;
-    let mut started = 0;
     let decoding_before = !running.is_empty();
+    let chunk_tokens = if decoding_before {
+        schedule.prefill_chunk_tokens
+    } else {
+        schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS)
+    };
+    let mut budget = chunk_tokens;
+    let mut started = 0;
     let mut stalled = 0;
     loop {
         if prefilling.is_none() {
@@ -194,8 +203,8 @@ fn prefill_round<'p>(
                 || running_rows + next.params.decode_rows() <= schedule.max_batch_rows;
             // A chunk or prompt longer than what is left of the budget waits for the next round,
             // unless the round has done nothing yet (so a long chunk always makes progress).
-            let affordable = next.prompt.len().min(schedule.prefill_chunk_tokens) <= budget
-                || budget == schedule.prefill_chunk_tokens;
+            let affordable =
+                next.prompt.len().min(chunk_tokens) <= budget || budget == chunk_tokens;
             if !fits || !affordable || started == PREFILLS_PER_ROUND {
                 return stalled;
             }
@@ -213,10 +222,12 @@ fn prefill_round<'p>(
             *prefilling = None;
             continue;
         }
+        current.prefill.set_chunk_tokens(chunk_tokens);
         let chunk = current.prefill.next_chunk_tokens();
-        if chunk > budget && budget < schedule.prefill_chunk_tokens {
+        if chunk > budget && budget < chunk_tokens {
             return stalled;
         }
+
         let clock = Instant::now();
         let ran = current.prefill.run_chunk(pipeline.model());
         current.spent += clock.elapsed();

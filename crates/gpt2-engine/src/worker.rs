@@ -31,9 +31,9 @@ pub struct EngineConfig {
     /// is refused with a field error, one that cannot fit now waits (within its deadline).
     pub kv_budget_bytes: usize,
     /// Prompt tokens prefilled between two decode steps (default 64). A longer prompt is
-    /// prefilled in chunks of this size (rounded down to a multiple of 64, which computes exactly
-    /// the bits of a one-shot prefill), so the running streams wait at most one chunk's worth
-    /// of work for it.
+    /// prefilled in chunks of this size while other requests decode (chunks of any size compute
+    /// exactly the bits of a one-shot prefill), so the running streams wait at most one chunk's
+    /// worth of work for it; while none decodes, chunks are at least 256 tokens.
     pub prefill_chunk_tokens: usize,
     /// Most sequence rows (sequences or beams) in one decode step (default 48: the knee past which
     /// a 124M step is compute-bound and more rows lower throughput, measured in
@@ -161,7 +161,7 @@ pub struct EngineStats {
     pub decode_rows: std::sync::atomic::AtomicU64,
     /// The most prompt tokens prefilled between two decode steps while other requests were
     /// decoding: how long a running stream waited for prefill work, in tokens (bounded by
-    /// [`EngineConfig::prefill_chunk_tokens`], plus at most one short last chunk).
+    /// [`EngineConfig::prefill_chunk_tokens`]).
     pub max_prefill_stall_tokens: std::sync::atomic::AtomicU64,
 }
 

@@ -65,10 +65,7 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (batch, new, n_embd) = xs.dims3()?;
         let qkv = self.c_attn.forward(&xs.reshape((batch * new, n_embd))?)?;
-        let qkv_data = qkv.flatten_all()?.to_vec1::<f32>()?;
-        self.write_cache(&qkv_data, batch, new, cache, layer);
-        let out = self.prefill_attention(&qkv_data, batch, new, cache, layer);
-        let ys = Tensor::from_vec(out, (batch * new, n_embd), xs.device())?;
+        let ys = self.attend_prefill(&qkv, batch, new, cache, layer)?;
         self.c_proj.forward(&ys)?.reshape((batch, new, n_embd))
     }
 
@@ -80,12 +77,39 @@ impl Attention {
         caches: &mut [&mut KvCache],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let (rows, n_embd) = xs.dims2()?;
-        let qkv = self
-            .c_attn
-            .forward_step(xs)?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let qkv = self.c_attn.forward_step(xs)?;
+        let ys = self.attend_step(&qkv, caches, layer)?;
+        self.c_proj.forward_step(&ys)
+    }
+
+    /// A prefill's attention from its `(batch · new, 3·n_embd)` projection: writes the keys and
+    /// values, returns `(batch · new, n_embd)`.
+    fn attend_prefill(
+        &self,
+        qkv: &Tensor,
+        batch: usize,
+        new: usize,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let device = qkv.device().clone();
+        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
+        self.write_cache(&qkv, batch, new, cache, layer);
+        let out = self.prefill_attention(&qkv, batch, new, cache, layer);
+        Tensor::from_vec(out, (batch * new, self.n_head * self.head_dim), &device)
+    }
+
+    /// A decode step's attention from its `(rows, 3·n_embd)` projection, rows grouped by cache:
+    /// writes the keys and values, returns `(rows, n_embd)`.
+    fn attend_step(
+        &self,
+        qkv: &Tensor,
+        caches: &mut [&mut KvCache],
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (rows, device) = (qkv.dim(0)?, qkv.device().clone());
+        let n_embd = self.n_head * self.head_dim;
+        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
         let mut out = Vec::with_capacity(rows * n_embd);
         let mut first = 0;
         for cache in caches.iter_mut() {
@@ -95,8 +119,7 @@ impl Attention {
             out.extend(self.decode_attention(part, count, cache, layer));
             first += count;
         }
-        self.c_proj
-            .forward_step(&Tensor::from_vec(out, (rows, n_embd), xs.device())?)
+        Tensor::from_vec(out, (rows, n_embd), &device)
     }
 
     /// Copies this step's keys and values from the `(rows, 3·n_embd)` projection into the cache.

@@ -292,6 +292,19 @@ impl Gpt2Model {
         cache: &mut KvCache,
         logits_for: LogitsFor,
     ) -> Result<Tensor, ModelError> {
+        let (past, new) = self.check_prefill(tokens, cache)?;
+        // On a pool thread, as a decode step (see there).
+        let logits = rayon::scope(|_| self.forward_unchecked(tokens, cache, logits_for))?;
+        cache.commit(past + new);
+        Ok(logits)
+    }
+
+    /// Checks a prefill's input against its cache; returns `(past, new)`.
+    fn check_prefill(
+        &self,
+        tokens: &Tensor,
+        cache: &KvCache,
+    ) -> Result<(usize, usize), ModelError> {
         let (batch, new) = tokens.dims2()?;
         if new == 0 || batch == 0 {
             return Err(ModelError::Input("no tokens to run".into()));
@@ -325,10 +338,7 @@ impl Gpt2Model {
                 self.config.vocab_size
             )));
         }
-        // On a pool thread, as a decode step (see there).
-        let logits = rayon::scope(|_| self.forward_unchecked(tokens, cache, logits_for))?;
-        cache.commit(past + new);
-        Ok(logits)
+        Ok((past, new))
     }
 
     fn forward_unchecked(
@@ -337,6 +347,16 @@ impl Gpt2Model {
         cache: &mut KvCache,
         logits_for: LogitsFor,
     ) -> candle_core::Result<Tensor> {
+        let mut xs = self.embed_prefill(tokens, cache)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            xs = block.forward(&xs, cache, layer)?;
+        }
+        self.prefill_logits(xs, logits_for)
+    }
+
+    /// A prefill's token and position embeddings, `(batch, new, n_embd)`, after the cache has
+    /// made room for its positions.
+    fn embed_prefill(&self, tokens: &Tensor, cache: &mut KvCache) -> candle_core::Result<Tensor> {
         let (batch, new) = tokens.dims2()?;
         let n_embd = self.config.n_embd;
         let past = cache.seq_len();
@@ -345,11 +365,13 @@ impl Gpt2Model {
             .lookup(&tokens.flatten_all()?)?
             .reshape((batch, new, n_embd))?;
         let position_embeddings = self.wpe.narrow(0, past, new)?;
-        let mut xs = token_embeddings.broadcast_add(&position_embeddings)?;
         cache.prepare(batch, past + new);
-        for (layer, block) in self.blocks.iter().enumerate() {
-            xs = block.forward(&xs, cache, layer)?;
-        }
+        token_embeddings.broadcast_add(&position_embeddings)
+    }
+
+    /// A prefill's logits `(batch, positions, vocab)` from the last block's output.
+    fn prefill_logits(&self, xs: Tensor, logits_for: LogitsFor) -> candle_core::Result<Tensor> {
+        let (batch, new, n_embd) = xs.dims3()?;
         let xs = match logits_for {
             LogitsFor::Last => xs.narrow(1, new - 1, 1)?,
             LogitsFor::All => xs,
@@ -379,6 +401,24 @@ impl Gpt2Model {
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<f32>, ModelError> {
+        let positions = self.check_step(tokens, caches)?;
+        // The step runs on a pool thread, so that its parallel kernels (several per layer, the
+        // LM head) fork from a worker: called from outside the pool, each one injected a job,
+        // woke the workers and put the caller to sleep on a futex. Those wake-ups
+        // (`LockLatch::wait_and_reset`, `finish_task_switch`, `lock_contended`) were ~10% of the
+        // CPU samples of a 124M q8_0 request, and a 5-beam one took 1.54 s instead of 1.68 s
+        // (medians of 3 interleaved runs, 2-vCPU EPYC). Every kernel writes disjoint outputs,
+        // so the thread it runs on changes no bit.
+        let logits = rayon::scope(|_| self.forward_step_unchecked(tokens, &positions, caches))?;
+        for cache in caches.iter_mut() {
+            let positions = cache.seq_len() + 1;
+            cache.commit(positions);
+        }
+        Ok(logits)
+    }
+
+    /// Checks a decode step's input against its caches; returns each row's position.
+    fn check_step(&self, tokens: &[u32], caches: &[&mut KvCache]) -> Result<Vec<u32>, ModelError> {
         let rows: usize = caches.iter().map(|c| c.rows()).sum();
         if rows != tokens.len() || tokens.is_empty() {
             return Err(ModelError::Input(format!(
@@ -413,19 +453,7 @@ impl Gpt2Model {
                 c.vocab_size
             )));
         }
-        // The step runs on a pool thread, so that its parallel kernels (several per layer, the
-        // LM head) fork from a worker: called from outside the pool, each one injected a job,
-        // woke the workers and put the caller to sleep on a futex. Those wake-ups
-        // (`LockLatch::wait_and_reset`, `finish_task_switch`, `lock_contended`) were ~10% of the
-        // CPU samples of a 124M q8_0 request, and a 5-beam one took 1.54 s instead of 1.68 s
-        // (medians of 3 interleaved runs, 2-vCPU EPYC). Every kernel writes disjoint outputs,
-        // so the thread it runs on changes no bit.
-        let logits = rayon::scope(|_| self.forward_step_unchecked(tokens, &positions, caches))?;
-        for cache in caches.iter_mut() {
-            let positions = cache.seq_len() + 1;
-            cache.commit(positions);
-        }
-        Ok(logits)
+        Ok(positions)
     }
 
     fn forward_step_unchecked(
@@ -434,18 +462,34 @@ impl Gpt2Model {
         positions: &[u32],
         caches: &mut [&mut KvCache],
     ) -> candle_core::Result<Vec<f32>> {
+        let mut xs = self.embed_step(tokens, positions, caches)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            xs = block.forward_step(&xs, caches, layer)?;
+        }
+        self.step_logits(&xs)
+    }
+
+    /// A decode step's embeddings `(rows, n_embd)`, after each cache has made room for its
+    /// next position.
+    fn embed_step(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> candle_core::Result<Tensor> {
         let device = &self.device;
         let tokens = Tensor::from_slice(tokens, tokens.len(), device)?;
         let positions = Tensor::from_slice(positions, positions.len(), device)?;
-        let mut xs = (self.wte.lookup(&tokens)? + self.wpe.index_select(&positions, 0)?)?;
         for cache in caches.iter_mut() {
             let (rows, length) = (cache.rows(), cache.seq_len() + 1);
             cache.prepare(rows, length);
         }
-        for (layer, block) in self.blocks.iter().enumerate() {
-            xs = block.forward_step(&xs, caches, layer)?;
-        }
-        let xs = self.ln_f.forward(&xs)?;
+        self.wte.lookup(&tokens)? + self.wpe.index_select(&positions, 0)?
+    }
+
+    /// A decode step's logits, row-major, from the last block's output.
+    fn step_logits(&self, xs: &Tensor) -> candle_core::Result<Vec<f32>> {
+        let xs = self.ln_f.forward(xs)?;
         self.lm_head
             .forward_step(&xs)?
             .flatten_all()?
