@@ -62,7 +62,7 @@
 //! - Packing with masked stores (`vmovups zmm{k}`) took two thirds of the packing time on Zen 4;
 //!   full and half widths use plain stores.
 //! - The packed `x` is kept for the next call ([`X_PANELS`]) and the output is zeroed in
-//!   parallel on huge pages when large ([`zeroed_output`]): a fresh 4 KiB page costs ~1.6 µs to
+//!   parallel on huge pages when large ([`super::zeroed_output`]): a fresh 4 KiB page costs ~1.6 µs to
 //!   fault in on this guest, which for a 512-row MLP projection came to 10–20 % of the call.
 //! - Prefetching the next panel's weights gained 5–8 % at M = 64 with weights out of cache (eight
 //!   rotating copies), nothing measurable at M = 512.
@@ -87,9 +87,6 @@ const LINE_FLOATS: usize = 16;
 const MAX_MR: usize = 16;
 const MAX_NR: usize = 32;
 
-/// Outputs at least this large (floats) are zeroed in parallel on huge pages.
-const LARGE_OUTPUT: usize = 1 << 18;
-
 /// The packed panels of `x` from the last call, reused by the next so that a prefill does not
 /// fault in fresh pages for them at every matmul (2.6 ms for a 512 × 3072 input on the guest
 /// measured, a fifth of that matmul). One buffer for the process, the largest seen: 6.3 MB for a
@@ -112,19 +109,6 @@ fn with_panel_buffer<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let offset = buffer.as_ptr().align_offset(64) % LINE_FLOATS;
         f(&mut buffer[offset..offset + len])
     })
-}
-
-/// A zeroed `(rows, n)` output. Large ones are zeroed by the pool's threads on memory that asks
-/// for huge pages, which halves the page faults of a fresh mapping (the server maps every block
-/// of 1 MiB or more afresh, see `memory::return_freed_memory_to_os`): 0.2–0.6 ms less of ~9.5 ms
-/// for a 512 × 2304 output with those settings.
-fn zeroed_output(len: usize) -> Vec<f32> {
-    if len < LARGE_OUTPUT {
-        return vec![0.0; len];
-    }
-    let mut y = crate::memory::huge_page_vec::<f32>(len);
-    y.par_extend(rayon::iter::repeat_n(0.0f32, len));
-    y
 }
 
 /// One register-tile kernel and the packing it reads: `MR` rows × `NR` columns.
@@ -790,7 +774,7 @@ fn drive<K: Microkernel>(
 
     // Each task owns `TASK_PANELS` panels' columns of every output row.
     let task_columns = TASK_PANELS * nr;
-    let mut y = zeroed_output(rows * n);
+    let mut y = super::zeroed_output(rows * n);
     let mut parts: Vec<Vec<&mut [f32]>> = (0..n.div_ceil(task_columns))
         .map(|_| Vec::with_capacity(rows))
         .collect();

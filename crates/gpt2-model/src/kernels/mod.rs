@@ -34,7 +34,9 @@ const TASK_COLUMNS: usize = 64;
 
 /// Splits the `n` output columns of a `(rows, n)` result into ranges computed in parallel: each
 /// task fills a `(rows, width)` tile for columns `start..end` (row stride `width`), and the tiles
-/// are copied into place.
+/// are copied into place, by the pool's threads when the result is large (serially, the zeroing
+/// and the copy of a 512-row prefill's outputs left a quarter of the two threads idle in a bf16
+/// prefill).
 pub(crate) fn by_column_ranges(
     rows: usize,
     n: usize,
@@ -51,14 +53,38 @@ pub(crate) fn by_column_ranges(
             (start, tile)
         })
         .collect();
-    let mut y = vec![0.0f32; rows * n];
-    for (start, tile) in tiles {
-        let width = tile.len() / rows.max(1);
-        for r in 0..rows {
-            y[r * n + start..r * n + start + width]
-                .copy_from_slice(&tile[r * width..(r + 1) * width]);
+    let mut y = zeroed_output(rows * n);
+    let place = |r: usize, row: &mut [f32]| {
+        for (start, tile) in &tiles {
+            let width = tile.len() / rows.max(1);
+            row[*start..*start + width].copy_from_slice(&tile[r * width..(r + 1) * width]);
+        }
+    };
+    if y.len() >= LARGE_OUTPUT {
+        y.par_chunks_mut(n.max(1))
+            .enumerate()
+            .for_each(|(r, row)| place(r, row));
+    } else {
+        for (r, row) in y.chunks_mut(n.max(1)).enumerate() {
+            place(r, row);
         }
     }
+    y
+}
+
+/// Outputs at least this large (floats) are zeroed and filled in parallel, on huge pages.
+const LARGE_OUTPUT: usize = 1 << 18;
+
+/// A zeroed `(rows, n)` output. Large ones are zeroed by the pool's threads on memory that asks
+/// for huge pages, which halves the page faults of a fresh mapping (the server maps every block
+/// of 1 MiB or more afresh, see `memory::return_freed_memory_to_os`): 0.2–0.6 ms less of ~9.5 ms
+/// for a 512 × 2304 output with those settings.
+pub(crate) fn zeroed_output(len: usize) -> Vec<f32> {
+    if len < LARGE_OUTPUT {
+        return vec![0.0; len];
+    }
+    let mut y = crate::memory::huge_page_vec::<f32>(len);
+    y.par_extend(rayon::iter::repeat_n(0.0f32, len));
     y
 }
 
