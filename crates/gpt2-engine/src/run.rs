@@ -85,6 +85,24 @@ impl Prefill {
         Ok(self.take_chunk_logits(model, &logits)?)
     }
 
+    /// Runs the next chunk in one pass with a decode step of other requests' `tokens` over
+    /// `caches` ([`Gpt2Model::forward_mixed`]); returns the step's logits. Both get the bits of
+    /// separate calls.
+    pub fn run_chunk_beside(
+        &mut self,
+        model: &Gpt2Model,
+        tokens: &[u32],
+        caches: &mut [&mut KvCache],
+    ) -> Result<Vec<f32>, ModelError> {
+        let Some((chunk, which)) = self.chunk_input(model)? else {
+            return model.forward_step(tokens, caches);
+        };
+        let (step, logits) =
+            model.forward_mixed((tokens, caches), (&chunk, &mut self.cache, which))?;
+        self.take_chunk_logits(model, &logits)?;
+        Ok(step)
+    }
+
     /// The next chunk's `(1, len)` tokens and the logits it needs; `None` when done.
     fn chunk_input(&self, model: &Gpt2Model) -> Result<Option<(Tensor, LogitsFor)>, ModelError> {
         let len = self.next_chunk_tokens();

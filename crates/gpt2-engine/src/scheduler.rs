@@ -1,10 +1,11 @@
 //! The inference thread's loop: continuous batching under two budgets.
 //!
 //! Each round prefills at most `prefill_chunk_tokens` prompt tokens (a long prompt one chunk at a
-//! time, a few short prompts whole; at least 256 while nothing decodes), then runs one decode step over the pending tokens of every
-//! running request, so each weight is read once per step for all of them. Requests join the
-//! batch in arrival order while their rows fit under `max_batch_rows`; finished ones leave at
-//! once.
+//! time, a few short prompts whole; at least 256 while nothing decodes), then runs one decode step
+//! over the pending tokens of every running request, so each weight is read once per step for all
+//! of them. While requests decode, a long prompt's chunk runs inside that step's pass
+//! (`Gpt2Model::forward_mixed`). Requests join the batch in arrival order while their rows fit
+//! under `max_batch_rows`; finished ones leave at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -165,7 +166,7 @@ pub(crate) fn serve_jobs(
         metrics::gauge!("gpt2_running_sequences").set(rows as f64);
         metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
         let stepped = Instant::now();
-        step(pipeline, &mut running);
+        step(pipeline, &mut running, &mut prefilling);
         metrics::histogram!("gpt2_decode_step_duration_seconds")
             .record(stepped.elapsed().as_secs_f64());
     }
@@ -226,6 +227,10 @@ fn prefill_round<'p>(
         let chunk = current.prefill.next_chunk_tokens();
         if chunk > budget && budget < chunk_tokens {
             return stalled;
+        }
+        if decoding_before && current.prefill.prompt().len() > chunk_tokens {
+            // A long prompt's chunks run in the decode step's own pass (see `step`).
+            return stalled + chunk;
         }
 
         let clock = Instant::now();
@@ -326,7 +331,14 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
 }
 
 /// One decode step for every running request; publishes their events.
-fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
+/// One decode step over every running request; a long prompt being prefilled runs its next
+/// chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]: with bf16 or q8_0
+/// weights each matrix is read once for both), then joins the batch once its last chunk ran.
+fn step<'p>(
+    pipeline: &'p Pipeline,
+    running: &mut Vec<Running<'p>>,
+    prefilling: &mut Option<Prefilling>,
+) {
     let vocab = pipeline.model().config().vocab_size;
     let tokens: Vec<u32> = running
         .iter()
@@ -338,7 +350,21 @@ fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
         .collect();
     let mut caches: Vec<&mut gpt2_model::KvCache> =
         running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
-    let logits = match pipeline.model().forward_step(&tokens, &mut caches) {
+    let beside = prefilling
+        .as_mut()
+        .filter(|p| p.prefill.next_chunk_tokens() > 0);
+    let stepped = match beside {
+        Some(current) => {
+            let clock = Instant::now();
+            let ran = current
+                .prefill
+                .run_chunk_beside(pipeline.model(), &tokens, &mut caches);
+            current.spent += clock.elapsed();
+            ran
+        }
+        None => pipeline.model().forward_step(&tokens, &mut caches),
+    };
+    let logits = match stepped {
         Ok(logits) => logits,
         Err(e) => {
             tracing::error!("decode step failed: {e}");
@@ -346,6 +372,11 @@ fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
             for r in running.drain(..) {
                 r.job
                     .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
+            }
+            if let Some(failed) = prefilling.take() {
+                failed
+                    .job
+                    .send(WorkerMessage::Failed(EngineError::DecodeStep(e)));
             }
             return;
         }
@@ -361,4 +392,9 @@ fn step<'p>(pipeline: &'p Pipeline, running: &mut Vec<Running<'p>>) {
         }
     }
     *running = still_running;
+    if prefilling.as_ref().is_some_and(|p| p.prefill.is_done()) {
+        if let Some(request) = prefilling.take().and_then(|done| finish(pipeline, done)) {
+            request.publish(running);
+        }
+    }
 }

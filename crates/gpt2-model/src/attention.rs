@@ -82,6 +82,29 @@ impl Attention {
         self.c_proj.forward_step(&ys)
     }
 
+    /// [`Self::forward_step`] for the first `step_rows` rows of `xs` (over `caches`) and
+    /// [`Self::forward`] for the rest (a one-sequence chunk continuing `chunk_cache`), with each
+    /// projection over all rows at once.
+    pub(crate) fn forward_split(
+        &self,
+        xs: &Tensor,
+        step_rows: usize,
+        caches: &mut [&mut KvCache],
+        chunk_cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let new = xs.dim(0)? - step_rows;
+        let qkv = self.c_attn.forward_split(xs, step_rows)?;
+        let ys = Tensor::cat(
+            &[
+                self.attend_step(&qkv.narrow(0, 0, step_rows)?, caches, layer)?,
+                self.attend_prefill(&qkv.narrow(0, step_rows, new)?, 1, new, chunk_cache, layer)?,
+            ],
+            0,
+        )?;
+        self.c_proj.forward_split(&ys, step_rows)
+    }
+
     /// A prefill's attention from its `(batch · new, 3·n_embd)` projection: writes the keys and
     /// values, returns `(batch · new, n_embd)`.
     fn attend_prefill(

@@ -74,6 +74,13 @@ impl Mlp {
         self.c_proj.forward_step(&self.activate(hidden)?)
     }
 
+    /// `xs`: `(rows, n_embd)`, the first `step_rows` a decode step's and the rest a prefill's.
+    fn forward_split(&self, xs: &Tensor, step_rows: usize) -> candle_core::Result<Tensor> {
+        let hidden = self.c_fc.forward_split(xs, step_rows)?;
+        self.c_proj
+            .forward_split(&self.activate(hidden)?, step_rows)
+    }
+
     fn activate(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
         Ok(match self.activation {
             Activation::GeluTanh => activation::gelu_tanh(&hidden)?,
@@ -117,6 +124,30 @@ impl Block {
     ) -> candle_core::Result<Tensor> {
         let xs = (xs + self.attn.forward(&self.ln_1.forward(xs)?, cache, layer)?)?;
         &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
+    }
+
+    /// A decode step's rows and a one-sequence prefill chunk's together, `xs`: `(step rows +
+    /// chunk, n_embd)`, the step's first: each row gets the bits of its separate call, and each
+    /// weight matrix is read once for both where their kernels are the same (bf16, q8_0).
+    pub(crate) fn forward_split(
+        &self,
+        xs: &Tensor,
+        caches: &mut [&mut KvCache],
+        chunk_cache: &mut KvCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let step_rows = caches.iter().map(|c| c.rows()).sum();
+        let attended = self.attn.forward_split(
+            &self.ln_1.forward(xs)?,
+            step_rows,
+            caches,
+            chunk_cache,
+            layer,
+        )?;
+        let xs = (xs + attended)?;
+        &xs + self
+            .mlp
+            .forward_split(&self.ln_2.forward(&xs)?, step_rows)?
     }
 
     /// One decode step, `xs`: `(rows, n_embd)`.

@@ -105,6 +105,29 @@ impl Conv1D {
         }
     }
 
+    /// `xs`: `(rows, in)` → `(rows, out)`, the first `step_rows` rows as [`Self::forward_step`]
+    /// computes them and the rest as [`Self::forward`] does, in one pass over the weight where
+    /// both use the same kernel (bf16, q8_0) and in two back to back otherwise (f32).
+    pub(crate) fn forward_split(
+        &self,
+        xs: &Tensor,
+        step_rows: usize,
+    ) -> candle_core::Result<Tensor> {
+        let rows = xs.dim(0)?;
+        match &self.weight {
+            Weight::Dense(_) if step_rows == 0 => self.forward(xs),
+            Weight::Dense(_) if step_rows >= rows => self.forward_step(xs),
+            Weight::Dense(_) => Tensor::cat(
+                &[
+                    self.forward_step(&xs.narrow(0, 0, step_rows)?)?,
+                    self.forward(&xs.narrow(0, step_rows, rows - step_rows)?)?,
+                ],
+                0,
+            ),
+            Weight::Q8(_) | Weight::Bf16(_) => self.forward_step(xs),
+        }
+    }
+
     /// The weight as f32, `(out, in)`.
     pub(crate) fn weight_t(&self) -> candle_core::Result<Tensor> {
         match &self.weight {

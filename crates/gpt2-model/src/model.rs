@@ -341,6 +341,72 @@ impl Gpt2Model {
         Ok((past, new))
     }
 
+    /// A decode step ([`Self::forward_step`]) and the next chunk of one prompt ([`Self::forward`]
+    /// with a batch of 1) in one pass: their rows go through each layer together, attention
+    /// apart. Each result has exactly the bits of its separate call; with bf16 or q8_0 weights,
+    /// whose decode and prefill kernels are the same, every weight is read once for both, so a
+    /// long prompt's small chunks hardly slow the running streams. Returns the step's logits (one
+    /// row per token, row-major) and the chunk's (`(1, positions, vocab)`).
+    pub fn forward_mixed(
+        &self,
+        step: (&[u32], &mut [&mut KvCache]),
+        chunk: (&Tensor, &mut KvCache, LogitsFor),
+    ) -> Result<(Vec<f32>, Tensor), ModelError> {
+        let ((tokens, caches), (chunk_tokens, cache, logits_for)) = (step, chunk);
+        let positions = self.check_step(tokens, caches)?;
+        let (past, new) = self.check_prefill(chunk_tokens, cache)?;
+        if chunk_tokens.dim(0)? != 1 {
+            return Err(ModelError::Input(
+                "a chunk beside a decode step is one sequence".into(),
+            ));
+        }
+        let (logits, chunk_logits) = rayon::scope(|_| {
+            self.forward_mixed_unchecked(
+                tokens,
+                &positions,
+                caches,
+                chunk_tokens,
+                cache,
+                logits_for,
+            )
+        })?;
+        for cache in caches.iter_mut() {
+            let positions = cache.seq_len() + 1;
+            cache.commit(positions);
+        }
+        cache.commit(past + new);
+        Ok((logits, chunk_logits))
+    }
+
+    fn forward_mixed_unchecked(
+        &self,
+        tokens: &[u32],
+        positions: &[u32],
+        caches: &mut [&mut KvCache],
+        chunk_tokens: &Tensor,
+        cache: &mut KvCache,
+        logits_for: LogitsFor,
+    ) -> candle_core::Result<(Vec<f32>, Tensor)> {
+        let n_embd = self.config.n_embd;
+        let new = chunk_tokens.dim(1)?;
+        let step = self.embed_step(tokens, positions, caches)?;
+        let chunk = self
+            .embed_prefill(chunk_tokens, cache)?
+            .reshape((new, n_embd))?;
+        let mut xs = Tensor::cat(&[step, chunk], 0)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            xs = block.forward_split(&xs, caches, cache, layer)?;
+        }
+        let rows = tokens.len();
+        Ok((
+            self.step_logits(&xs.narrow(0, 0, rows)?)?,
+            self.prefill_logits(
+                xs.narrow(0, rows, new)?.reshape((1, new, n_embd))?,
+                logits_for,
+            )?,
+        ))
+    }
+
     fn forward_unchecked(
         &self,
         tokens: &Tensor,

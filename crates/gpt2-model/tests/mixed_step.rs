@@ -1,0 +1,102 @@
+//! A decode step and a prefill chunk run in one pass (`Gpt2Model::forward_mixed`) give exactly
+//! the bits of the two separate calls, in every weight and KV storage format.
+
+use candle_core::{Device, Tensor};
+use gpt2_model::{Gpt2Model, KvCache, KvFormat, LogitsFor, WeightFormat};
+
+/// A cache holding `prompt` for `rows` sequences (the prompt repeated), ready to decode.
+fn prefilled(model: &Gpt2Model, prompt: &[u32], rows: usize) -> KvCache {
+    let mut cache = model.new_cache_with_capacity(64);
+    let input = Tensor::new(prompt, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap()
+        .repeat((rows, 1))
+        .unwrap();
+    model.forward(&input, &mut cache, LogitsFor::Last).unwrap();
+    cache
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+#[test]
+fn a_mixed_pass_gives_the_bits_of_separate_calls() {
+    for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Bf16] {
+        for kv in [KvFormat::F32, KvFormat::F16] {
+            let model = Gpt2Model::demo()
+                .with_weight_format(format)
+                .unwrap()
+                .with_kv_format(kv);
+            let tokens = [7u32, 8, 9, 10];
+            for (chunk, logits_for) in [
+                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::Last),
+                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::All),
+                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::None),
+                (vec![3u32], LogitsFor::Last),
+            ] {
+                let chunk = Tensor::new(chunk.as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let label = format!("{format:?} weights, {kv:?} cache, {chunk:?}, {logits_for:?}");
+                // Separately: the step over two caches (1 and 3 rows), then the chunk continuing
+                // a third cache; then one more step over all three.
+                let (mut a, mut b) = (
+                    prefilled(&model, &[1, 2, 3], 1),
+                    prefilled(&model, &[4, 5], 3),
+                );
+                let mut c = prefilled(&model, &[6, 6, 6, 6], 1);
+                let step = model.forward_step(&tokens, &mut [&mut a, &mut b]).unwrap();
+                let chunk_logits = model.forward(&chunk, &mut c, logits_for).unwrap();
+                let then = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a, &mut b, &mut c]);
+                // Together.
+                let (mut a2, mut b2) = (
+                    prefilled(&model, &[1, 2, 3], 1),
+                    prefilled(&model, &[4, 5], 3),
+                );
+                let mut c2 = prefilled(&model, &[6, 6, 6, 6], 1);
+                let (step2, chunk_logits2) = model
+                    .forward_mixed(
+                        (&tokens, &mut [&mut a2, &mut b2]),
+                        (&chunk, &mut c2, logits_for),
+                    )
+                    .unwrap();
+                let then2 = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a2, &mut b2, &mut c2]);
+                assert!(step == step2, "{label}: step logits differ");
+                assert_eq!(chunk_logits.dims(), chunk_logits2.dims(), "{label}");
+                assert!(
+                    values(&chunk_logits) == values(&chunk_logits2),
+                    "{label}: chunk logits differ"
+                );
+                // The caches the two passes left behind decode alike.
+                assert!(
+                    then.unwrap() == then2.unwrap(),
+                    "{label}: the caches differ"
+                );
+                assert_eq!(c2.seq_len(), c.seq_len(), "{label}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_mixed_pass_checks_both_inputs() {
+    let model = Gpt2Model::demo();
+    let mut a = prefilled(&model, &[1, 2, 3], 1);
+    let mut c = prefilled(&model, &[6], 1);
+    let chunk = Tensor::new(&[[5u32, 17]], &Device::Cpu).unwrap();
+    let wrong_rows =
+        model.forward_mixed((&[1, 2], &mut [&mut a]), (&chunk, &mut c, LogitsFor::Last));
+    assert!(wrong_rows.is_err_and(|e| e.to_string().contains("2 tokens for 1 cached sequences")));
+    let bad = Tensor::new(&[[5u32, 1_000_000]], &Device::Cpu).unwrap();
+    let outside = model.forward_mixed((&[1], &mut [&mut a]), (&bad, &mut c, LogitsFor::Last));
+    assert!(outside.is_err_and(|e| e.to_string().contains("outside the vocabulary")));
+    let mut two = prefilled(&model, &[6], 2);
+    let batch = Tensor::new(&[[5u32], [6]], &Device::Cpu).unwrap();
+    let batched = model.forward_mixed((&[1], &mut [&mut a]), (&batch, &mut two, LogitsFor::Last));
+    assert!(batched.is_err_and(|e| e.to_string().contains("one sequence")));
+    // No cache moved.
+    assert_eq!((a.seq_len(), c.seq_len(), two.seq_len()), (3, 1, 1));
+}
