@@ -116,9 +116,17 @@ impl Attention {
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let device = qkv.device().clone();
-        let qkv = qkv.flatten_all()?.to_vec1::<f32>()?;
-        self.write_cache(&qkv, batch, new, cache, layer);
-        let out = self.prefill_attention(&qkv, batch, new, cache, layer);
+        let qkv = qkv.contiguous()?;
+        let (storage, layout) = qkv.storage_and_layout();
+        let (candle_core::Storage::Cpu(candle_core::CpuStorage::F32(data)), Some((start, end))) =
+            (&*storage, layout.contiguous_offsets())
+        else {
+            candle_core::bail!("prefill attention needs an f32 projection on the CPU");
+        };
+        // Read in place: a copy of a 512-token projection is 4.7 MB of fresh pages per layer.
+        let qkv = &data[start..end];
+        self.write_cache(qkv, batch, new, cache, layer);
+        let out = self.prefill_attention(qkv, batch, new, cache, layer);
         Tensor::from_vec(out, (batch * new, self.n_head * self.head_dim), &device)
     }
 
@@ -199,9 +207,22 @@ impl Attention {
         let (d, n_head) = (self.head_dim, self.n_head);
         let n_embd = n_head * d;
         let (past, scale) = (cache.seq_len(), self.scale as f32);
-        let heads: Vec<Vec<f32>> = (0..batch * n_head)
+        // Each task writes its head's columns of every row, through pieces split off the output.
+        let mut out = vec![0.0f32; batch * new * n_embd];
+        let mut parts: Vec<Vec<&mut [f32]>> = (0..batch * n_head)
+            .map(|_| Vec::with_capacity(new))
+            .collect();
+        for (b, rows) in out.chunks_mut(new * n_embd).enumerate() {
+            for row in rows.chunks_mut(n_embd) {
+                for (h, piece) in row.chunks_mut(d).enumerate() {
+                    parts[b * n_head + h].push(piece);
+                }
+            }
+        }
+        parts
             .into_par_iter()
-            .map(|task| {
+            .enumerate()
+            .for_each(|(task, pieces)| {
                 let (b, h) = (task / n_head, task % n_head);
                 let mut q = Vec::with_capacity(new * d);
                 for t in 0..new {
@@ -209,7 +230,7 @@ impl Attention {
                 }
                 let base = cache.offset(b, h, 0);
                 let span = (past + new) * d;
-                let mut out = vec![0.0f32; new * d];
+                let mut head = vec![0.0f32; new * d];
                 attend_causal(
                     &q,
                     &keys[base..base + span],
@@ -217,18 +238,12 @@ impl Attention {
                     d,
                     past,
                     scale,
-                    &mut out,
+                    &mut head,
                 );
-                out
-            })
-            .collect();
-        let mut out = vec![0.0f32; batch * new * n_embd];
-        for (task, head) in heads.iter().enumerate() {
-            let (b, h) = (task / n_head, task % n_head);
-            for (t, values) in head.chunks_exact(d).enumerate() {
-                out[(b * new + t) * n_embd + h * d..][..d].copy_from_slice(values);
-            }
-        }
+                for (piece, values) in pieces.into_iter().zip(head.chunks_exact(d)) {
+                    piece.copy_from_slice(values);
+                }
+            });
         out
     }
 

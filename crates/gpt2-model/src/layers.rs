@@ -83,7 +83,7 @@ impl Mlp {
 
     fn activate(&self, hidden: Tensor) -> candle_core::Result<Tensor> {
         Ok(match self.activation {
-            Activation::GeluTanh => activation::gelu_tanh(&hidden)?,
+            Activation::GeluTanh => activation::gelu_tanh_owned(hidden)?,
             Activation::GeluErf => hidden.gelu_erf()?,
             Activation::QuickGelu => (&hidden * candle_nn::ops::sigmoid(&(&hidden * 1.702)?)?)?,
             Activation::Relu => hidden.relu()?,
