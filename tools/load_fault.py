@@ -1423,9 +1423,14 @@ def phase_slow_idle(run, fig, srv, cfg, sampler):
                 "never_closed": never, "held_max_s": round(max(held_values), 2) if held_values else None,
                 "server_fds_flooded": fds_flooded, "server_fds_peak": window["fds_peak"],
                 "rss_peak_mib": window["rss_peak_mib"]})
+    # Client-side, a close is seen up to one poll of thousands of sockets after the server made
+    # it, by which time the connection that evicted it (from the overflow pool) is open: the count
+    # runs over by the evictions in flight, at most the pool (runs on the 2-vCPU EPYC saw 1,091 to
+    # 1,131 with either of two builds). The server-side fd bound checked next is exact.
     run.check(f"{len(flood)} connections: the server holds at most the cap + overflow ({cap} + {OVERFLOW_POOL})",
-              concurrent <= cap + OVERFLOW_POOL and at_once > 0,
-              f"{concurrent} held at once, {at_once} closed at once")
+              concurrent <= cap + 2 * OVERFLOW_POOL and at_once > 0,
+              f"{concurrent} held at once as the client saw them (a pool's worth of evictions in "
+              f"flight allowed), {at_once} closed at once")
     run.check("server fds stay bounded by the cap",
               (window["fds_peak"] or 0) <= cap + OVERFLOW_POOL + (cfg.baseline_fds or 64) + 16,
               f"peak {window['fds_peak']} fds (baseline {cfg.baseline_fds})")

@@ -76,9 +76,9 @@ pub(crate) fn by_column_ranges(
 const LARGE_OUTPUT: usize = 1 << 18;
 
 /// A zeroed `(rows, n)` output. Large ones are zeroed by the pool's threads on memory that asks
-/// for huge pages, which halves the page faults of a fresh mapping (the server maps every block
-/// of 1 MiB or more afresh, see `memory::return_freed_memory_to_os`): 0.2–0.6 ms less of ~9.5 ms
-/// for a 512 × 2304 output with those settings.
+/// for huge pages, which halves the page faults when the memory is a fresh mapping: 0.2–0.6 ms
+/// less of ~9.5 ms for a 512 × 2304 output when every block of 1 MiB or more was mapped afresh
+/// (see `memory::return_freed_memory_to_os`).
 pub(crate) fn zeroed_output(len: usize) -> Vec<f32> {
     if len < LARGE_OUTPUT {
         return vec![0.0; len];
