@@ -17,9 +17,12 @@
 //! - the softmax denominator is summed in 16 lane-wise partial sums over the blocks, then across
 //!   the lanes in order; output dimension `i` is an FMA chain over the positions in order.
 //!
-//! The body is written over fixed-width lane arrays, which LLVM turns into SIMD without
-//! reassociating floats, and compiled for AVX-512 and AVX2 with FMA (identical bits) and for
-//! baseline x86-64 (separate multiplies and adds).
+//! The body is AVX-512 intrinsics, measured on one head of a 512-token prefill
+//! (`causal_attention_throughput`): 0.46 ms against 1.37 ms for the decode kernel once per query.
+//! The same body written over fixed-width lane arrays compiled to scalar FMAs (9.6 ms), and a
+//! run-time count of output vectors spilled the accumulators (1.2 ms): hence the const-generic
+//! [`weighted`]. Without AVX-512, or for head sizes that are not whole vectors, each query runs
+//! the decode kernel over its own length, which is also a function of the query's position only.
 
 use crate::cache::KvElement;
 

@@ -844,28 +844,9 @@ impl CustomOp3 for PrefillGemm {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, wk) = w_layout.shape().dims2()?;
-        if wk != k || b_layout.shape().dims1()? != n {
-            candle_core::bail!(
-                "prefill-gemm: shapes {:?} {:?} {:?}",
-                x_layout.shape(),
-                w_layout.shape(),
-                b_layout.shape()
-            );
-        }
-        let contiguous = |layout: &Layout| layout.contiguous_offsets();
-        let (Some((xs, xe)), Some((ws, we)), Some((bs, be))) = (
-            contiguous(x_layout),
-            contiguous(w_layout),
-            contiguous(b_layout),
-        ) else {
-            candle_core::bail!("prefill-gemm needs contiguous inputs");
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
-            candle_core::bail!("prefill-gemm is f32 only");
-        };
-        let y = gemm(&x[xs..xe], rows, &w[ws..we], n, k, &b[bs..be]);
+        let (x, rows, w, n, k, b) =
+            super::linear_inputs("prefill-gemm", (x, x_layout), (w, w_layout), (b, b_layout))?;
+        let y = gemm(x, rows, w, n, k, b);
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 }

@@ -381,28 +381,13 @@ impl CustomOp3 for SmallRowsMatmul {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, wk) = w_layout.shape().dims2()?;
-        if wk != k || b_layout.shape().dims1()? != n {
-            candle_core::bail!(
-                "small-rows-matmul: shapes {:?} {:?} {:?}",
-                x_layout.shape(),
-                w_layout.shape(),
-                b_layout.shape()
-            );
-        }
-        let contiguous = |layout: &Layout| layout.contiguous_offsets();
-        let (Some((xs, xe)), Some((ws, we)), Some((bs, be))) = (
-            contiguous(x_layout),
-            contiguous(w_layout),
-            contiguous(b_layout),
-        ) else {
-            candle_core::bail!("small-rows-matmul needs contiguous inputs");
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
-            candle_core::bail!("small-rows-matmul is f32 only");
-        };
-        let y = small_rows_matmul(&x[xs..xe], rows, &w[ws..we], n, k, Some(&b[bs..be]));
+        let (x, rows, w, n, k, b) = super::linear_inputs(
+            "small-rows-matmul",
+            (x, x_layout),
+            (w, w_layout),
+            (b, b_layout),
+        )?;
+        let y = small_rows_matmul(x, rows, w, n, k, Some(b));
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 }

@@ -25,6 +25,7 @@ pub(crate) mod gemm_f32;
 pub(crate) mod matmul_f32;
 pub(crate) mod q8_0;
 
+use candle_core::{CpuStorage, Layout};
 pub(crate) use gpt2_simd::Isa;
 use rayon::prelude::*;
 
@@ -71,6 +72,41 @@ pub(crate) fn by_column_ranges(
     }
     y
 }
+
+/// The f32 slices of a linear op's `(x, w, b)`, after checking their shapes: `(x, rows, w, n, k,
+/// b)` for `x` `(rows, k)`, `w` `(n, k)` and `b` `(n)`, all contiguous. `name` prefixes errors.
+pub(crate) fn linear_inputs<'a>(
+    name: &str,
+    (x, x_layout): (&'a CpuStorage, &Layout),
+    (w, w_layout): (&'a CpuStorage, &Layout),
+    (b, b_layout): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<LinearInputs<'a>> {
+    let (rows, k) = x_layout.shape().dims2()?;
+    let (n, wk) = w_layout.shape().dims2()?;
+    if wk != k || b_layout.shape().dims1()? != n {
+        candle_core::bail!(
+            "{name}: shapes {:?} {:?} {:?}",
+            x_layout.shape(),
+            w_layout.shape(),
+            b_layout.shape()
+        );
+    }
+    let contiguous = |layout: &Layout| layout.contiguous_offsets();
+    let (Some((xs, xe)), Some((ws, we)), Some((bs, be))) = (
+        contiguous(x_layout),
+        contiguous(w_layout),
+        contiguous(b_layout),
+    ) else {
+        candle_core::bail!("{name} needs contiguous inputs");
+    };
+    let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
+        candle_core::bail!("{name} is f32 only");
+    };
+    Ok((&x[xs..xe], rows, &w[ws..we], n, k, &b[bs..be]))
+}
+
+/// What [`linear_inputs`] returns.
+pub(crate) type LinearInputs<'a> = (&'a [f32], usize, &'a [f32], usize, usize, &'a [f32]);
 
 /// Outputs at least this large (floats) are zeroed and filled in parallel, on huge pages.
 const LARGE_OUTPUT: usize = 1 << 18;
