@@ -330,10 +330,10 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
     }
 }
 
-/// One decode step for every running request; publishes their events.
-/// One decode step over every running request; a long prompt being prefilled runs its next
-/// chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]: with bf16 or q8_0
-/// weights each matrix is read once for both), then joins the batch once its last chunk ran.
+/// One decode step over every running request, publishing their events; a prompt being
+/// prefilled runs its next chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]:
+/// with bf16 or q8_0 weights each matrix is read once for both), then joins the batch once its
+/// last chunk ran.
 fn step<'p>(
     pipeline: &'p Pipeline,
     running: &mut Vec<Running<'p>>,
@@ -350,20 +350,31 @@ fn step<'p>(
         .collect();
     let mut caches: Vec<&mut gpt2_model::KvCache> =
         running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
-    let beside = prefilling
+    let mut stepped = None;
+    if let Some(current) = prefilling
         .as_mut()
-        .filter(|p| p.prefill.next_chunk_tokens() > 0);
-    let stepped = match beside {
-        Some(current) => {
-            let clock = Instant::now();
-            let ran = current
-                .prefill
-                .run_chunk_beside(pipeline.model(), &tokens, &mut caches);
-            current.spent += clock.elapsed();
-            ran
+        .filter(|p| p.prefill.next_chunk_tokens() > 0)
+    {
+        let clock = Instant::now();
+        let ran = current
+            .prefill
+            .run_chunk_beside(pipeline.model(), &tokens, &mut caches);
+        current.spent += clock.elapsed();
+        match ran {
+            Ok(logits) => stepped = Some(Ok(logits)),
+            Err(e) => {
+                // The chunk may be what failed: it fails alone, and the step runs without it (a
+                // failed pass committed no cache position, so the retry rewrites the same ones).
+                tracing::error!("prefill chunk beside a decode step failed: {e}");
+                if let Some(failed) = prefilling.take() {
+                    failed
+                        .job
+                        .send(WorkerMessage::Failed(EngineError::Model(e)));
+                }
+            }
         }
-        None => pipeline.model().forward_step(&tokens, &mut caches),
-    };
+    }
+    let stepped = stepped.unwrap_or_else(|| pipeline.model().forward_step(&tokens, &mut caches));
     let logits = match stepped {
         Ok(logits) => logits,
         Err(e) => {
@@ -372,11 +383,6 @@ fn step<'p>(
             for r in running.drain(..) {
                 r.job
                     .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
-            }
-            if let Some(failed) = prefilling.take() {
-                failed
-                    .job
-                    .send(WorkerMessage::Failed(EngineError::DecodeStep(e)));
             }
             return;
         }
