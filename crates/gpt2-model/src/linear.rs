@@ -1,11 +1,12 @@
 //! Linear layers: GPT-2's `Conv1D` and the LM head, with their weights in any storage format,
-//! and the choice between the streaming decode kernels and gemm.
+//! and the kernel each format runs.
 
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::bf16::{self, Bf16Matrix};
 use crate::kernels::gemm_f32::PrefillGemm;
 use crate::kernels::matmul_f32::SmallRowsMatmul;
+use crate::kernels::panel_f32::{self, PanelMatrix};
 use crate::kernels::q8_0::{self, Q8Matrix};
 use crate::weights::NamedTensors;
 use crate::ModelError;
@@ -43,8 +44,11 @@ impl std::str::FromStr for WeightFormat {
 /// How a linear layer's weight is stored.
 #[derive(Debug, Clone)]
 enum Weight {
-    /// f32, `(out, in)`, in huge-page-backed memory for the decode kernel.
+    /// f32, `(out, in)`, in huge-page-backed memory: the tied LM head (the token embeddings).
     Dense(Tensor),
+    /// f32 in the GEMM's panels: the blocks' layers, whose decode steps and prefill chunks run
+    /// the same kernel.
+    Panels(std::sync::Arc<PanelMatrix>),
     /// ggml's q8_0 scheme (blocks of 32 int8 with an f16-rounded scale), `(out, in)`.
     Q8(std::sync::Arc<Q8Matrix>),
     /// bf16, `(out, in)`, packed for the bf16 kernels.
@@ -78,7 +82,9 @@ impl Conv1D {
             // Quantized from the checkpoint one matrix at a time (no f32 copy kept).
             Weight::Q8(std::sync::Arc::new(weights.take_q8(&name, &[n_in, n_out])?))
         } else {
-            Weight::Dense(weights.take_huge(&name, &[n_in, n_out], true)?)
+            Weight::Panels(std::sync::Arc::new(
+                weights.take_panels(&name, &[n_in, n_out])?,
+            ))
         };
         Ok(Self {
             weight,
@@ -90,6 +96,7 @@ impl Conv1D {
     pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => linear(xs, w, &self.bias),
+            Weight::Panels(p) => panel_f32::panel_linear(xs, p, &self.bias),
             Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
             Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
         }
@@ -100,6 +107,7 @@ impl Conv1D {
     pub(crate) fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => linear_step(xs, w, &self.bias),
+            Weight::Panels(p) => panel_f32::panel_linear(xs, p, &self.bias),
             Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
             Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
         }
@@ -107,7 +115,8 @@ impl Conv1D {
 
     /// `xs`: `(rows, in)` → `(rows, out)`, the first `step_rows` rows as [`Self::forward_step`]
     /// computes them and the rest as [`Self::forward`] does, in one pass over the weight where
-    /// both use the same kernel (bf16, q8_0) and in two back to back otherwise (f32).
+    /// both use the same kernel (every format but the dense LM head's) and in two back to back
+    /// otherwise.
     pub(crate) fn forward_split(
         &self,
         xs: &Tensor,
@@ -124,7 +133,7 @@ impl Conv1D {
                 ],
                 0,
             ),
-            Weight::Q8(_) | Weight::Bf16(_) => self.forward_step(xs),
+            Weight::Panels(_) | Weight::Q8(_) | Weight::Bf16(_) => self.forward_step(xs),
         }
     }
 
@@ -132,6 +141,7 @@ impl Conv1D {
     pub(crate) fn weight_t(&self) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => Ok(w.clone()),
+            Weight::Panels(p) => Tensor::from_vec(p.to_out_in(), p.shape(), &Device::Cpu),
             Weight::Q8(q) => Tensor::from_vec(q.dequantize(), q.shape(), &Device::Cpu),
             Weight::Bf16(m) => Tensor::from_vec(m.dequantize(), m.shape(), &Device::Cpu),
         }
@@ -144,6 +154,15 @@ impl Conv1D {
 
     /// Stores the weight as q8_0, when its input width is a whole number of q8_0 blocks.
     pub(crate) fn quantize_q8(&mut self) -> candle_core::Result<bool> {
+        if let Weight::Panels(p) = &self.weight {
+            let (n, k) = p.shape();
+            if k % q8_0::BLOCK != 0 {
+                return Ok(false);
+            }
+            let quantized = Q8Matrix::quantize(&p.to_out_in(), n, k);
+            self.weight = Weight::Q8(std::sync::Arc::new(quantized));
+            return Ok(true);
+        }
         let Weight::Dense(w) = &self.weight else {
             return Ok(false);
         };
@@ -170,10 +189,16 @@ impl Conv1D {
 impl Conv1D {
     /// Stores the weight as bf16, when its input width is even.
     pub(crate) fn store_bf16(&mut self) -> candle_core::Result<bool> {
-        let Weight::Dense(w) = &self.weight else {
-            return Ok(false);
+        let packed = match &self.weight {
+            Weight::Dense(w) => dense_bf16(w)?,
+            Weight::Panels(p) => {
+                let (n, k) = p.shape();
+                k.is_multiple_of(2)
+                    .then(|| Bf16Matrix::pack(&p.to_out_in(), n, k, bf16::Source::OutIn))
+            }
+            _ => return Ok(false),
         };
-        let packed = match dense_bf16(w)? {
+        let packed = match packed {
             Some(packed) => packed,
             None => return Ok(false),
         };
@@ -211,11 +236,9 @@ pub(crate) fn dense_bf16(w: &Tensor) -> candle_core::Result<Option<Bf16Matrix>> 
     }))
 }
 
-/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`, for a prefill: our packed-panel
-/// GEMM whatever the number of rows, so that a row's bits never depend on the rows beside it and
-/// chunked prefills give the one-shot bits. A few rows pay for it: a 1-token f32 chunk of the
-/// 124M shape takes about 19.5 ms against about 13 ms for the streaming kernel's pass (2-vCPU
-/// EPYC), so a 5-token prompt's first token comes a few milliseconds later than it did.
+/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`, for a prefill of the dense LM head
+/// (the tied token embeddings, kept `(out, in)` for the lookups): our GEMM, packing the weights
+/// at each call, whose rows never depend on the rows beside them.
 fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
         xs.contiguous()?.apply_op3_no_bwd(w, bias, &PrefillGemm)
@@ -224,8 +247,9 @@ fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor>
     }
 }
 
-/// [`linear`] for decode steps: the streaming kernel whatever the number of rows, so that a row's
-/// result never depends on how many other rows share the step.
+/// [`linear`] for decode steps: the streaming kernel, which reads the `(out, in)` weights as they
+/// are, whatever the number of rows, so that a row's result never depends on how many other rows
+/// share the step.
 fn linear_step(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
         xs.contiguous()?.apply_op3_no_bwd(w, bias, &SmallRowsMatmul)

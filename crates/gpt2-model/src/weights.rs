@@ -310,6 +310,26 @@ impl NamedTensors {
         )
     }
 
+    /// Takes the checkpoint's `(in, out)` matrix `name` (of shape `shape`) into f32 panels for
+    /// the GEMM, straight from the mapping.
+    pub(crate) fn take_panels(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<crate::kernels::panel_f32::PanelMatrix, ModelError> {
+        use crate::kernels::panel_f32::PanelMatrix;
+        let (n_in, n_out) = (shape[0], shape[1]);
+        self.take_with(
+            name,
+            shape,
+            |data, _| Ok(PanelMatrix::from_in_out(data, n_in, n_out)),
+            |tensor| {
+                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
+                Ok(PanelMatrix::from_in_out(&data, n_in, n_out))
+            },
+        )
+    }
+
     /// Takes the 2-D tensor `name` of shape `shape` (even columns for [`bf16::Source::OutIn`],
     /// even rows for [`bf16::Source::InOut`]) packed as bf16, converting from the mapping without
     /// an f32 copy of the whole model.

@@ -1,9 +1,11 @@
-//! The prefill matmul: many activation rows times an f32 weight matrix stored `(out, in)`.
+//! The f32 matmul of every row count: activation rows times an f32 weight matrix, stored `(out,
+//! in)` and packed per call, or packed once at load ([`gemm_prepacked_with`], `panel_f32.rs`).
 //!
-//! A prompt of M tokens multiplies an `(M, k)` activation by every weight matrix, M = 17..1024
-//! (typically 64 or 512 per chunk). That is compute-bound, so this is a classic packed-panel GEMM
-//! built around a register tile; it replaces candle's `gemm` for these shapes because it is faster
-//! here (table below) and because **each output's arithmetic is fixed**: for every `r`, `j`
+//! A prompt of M tokens multiplies an `(M, k)` activation by every weight matrix, M up to 1024
+//! (typically 64 or 512 per chunk), and a decode step its few rows. Prefill is compute-bound, so
+//! this is a classic packed-panel GEMM built around a register tile; it replaces candle's `gemm`
+//! because it is faster here (table below) and because **each output's arithmetic is fixed**: for
+//! every `r`, `j`
 //!
 //! ```text
 //! acc = 0.0; for kk in 0..k { acc = fma(x[r][kk], w[j][kk], acc) }; y[r][j] = acc + bias[j]
@@ -18,9 +20,14 @@
 //! How:
 //!
 //! - `x` is packed once per call into panels of `MR` rows, k-major (`panel[kk · MR + i]`), zero
-//!   past the last row; `w` keeps its `(n, k)` layout (no second copy of the model) and each
-//!   parallel task packs the `NR`-column panel it works on (`panel[kk · NR + j]`, zero past `n`)
-//!   with 16 × 16 (AVX-512) or 8 × 8 (AVX2) register transposes into a per-thread buffer.
+//!   past the last row. Weights stored `(n, k)` (the tied LM head) are packed by each parallel
+//!   task, the `NR`-column panel it works on (`panel[kk · NR + j]`, zero past `n`), with 16 × 16
+//!   (AVX-512) or 8 × 8 (AVX2) register transposes into a per-thread buffer; the blocks' weights
+//!   were packed at load in panels of 32 (`PANEL`), which the 16-column AVX2 and portable tiles
+//!   read in halves (row stride 32). A one-row decode step through prepacked panels streams the
+//!   weights as fast as the dot-product kernel did (27.7 against 28.4 GB/s), and more rows are
+//!   cheaper (5 rows 28.1 against 26.1, 16 rows 17.5 against 16.0, 32 rows 11.1 against 9.4;
+//!   `panel_f32_decode_throughput`, 2-vCPU EPYC).
 //! - The register tile keeps its `MR × NR` accumulators over all of `k` (no k-blocking: that is
 //!   what keeps each output a single chain; a 32-column panel of GPT-2 xl's `k` = 6400 is 800 KB
 //!   and sits in L2). Per `kk`: `NR / 16` panel loads, `MR` broadcasts, `MR · NR / 16` FMAs.
@@ -80,6 +87,9 @@ use super::Isa;
 /// often).
 const TASK_PANELS: usize = 2;
 
+/// Row tiles of at most this many rows pack `x` with plain copies (see [`drive`]).
+const FEW_ROWS: usize = 6;
+
 /// Floats per 64-byte cache line: packed panels start on a line.
 const LINE_FLOATS: usize = 16;
 
@@ -124,24 +134,48 @@ trait Microkernel: Copy + Send + Sync {
         pack_portable(src, count, k, dst, width);
     }
 
-    /// `*out[i].add(j) = bias[j] + Σ_kk a[kk · MR + i] · b[kk · NR + j]` for `i < rows`,
+    /// `*out[i].add(j) = bias[j] + Σ_kk a[kk · MR + i] · b[kk · ldb + j]` for `i < rows`,
     /// `j < NR`, each sum one FMA chain from 0 in the order of `kk`. Prefetches the lines of
     /// `prefetch` into L2 on the way, spread over the loop.
     ///
     /// # Safety
     /// `1 ≤ rows ≤ MR`, `out` holds `rows` pointers to `NR` writable floats each, `a` holds
-    /// `MR · k` floats, `b` `NR · k` and `bias` `NR` ([`tile`] checks all of it).
+    /// `MR · k` floats, `b` `(k − 1) · ldb + NR` with `ldb ≥ NR`, and `bias` `NR` ([`tile`]
+    /// checks all of it).
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_raw(
         self,
         rows: usize,
         a: &[f32],
         b: &[f32],
+        ldb: usize,
         k: usize,
         bias: &[f32],
         out: &[*mut f32],
         prefetch: &[f32],
     );
+
+    /// [`Self::tile_raw`] over two panels side by side (`b`, then `b2`: `2 · NR` columns, each
+    /// output the same FMA chain), for `rows ≤ FEW_ROWS`; `false` (nothing done) where the
+    /// kernel has no such body. Two weight streams and twice the independent chains: a decode
+    /// step's one row through one panel ran about 5% below the dot-product kernel it replaced.
+    ///
+    /// # Safety
+    /// As [`Self::tile_raw`], with `b2` as `b`, `bias` of `2 · NR` and `2 · NR` writable floats
+    /// at each output pointer.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile_pair_raw(
+        self,
+        _rows: usize,
+        _a: &[f32],
+        _panels: [&[f32]; 2],
+        _ldb: usize,
+        _k: usize,
+        _bias: &[f32],
+        _out: &[*mut f32],
+    ) -> bool {
+        false
+    }
 }
 
 /// Panics unless packing `count` rows of `k` from `src` into `dst` at `width` stays in bounds.
@@ -172,15 +206,16 @@ fn pack_portable(src: &[f32], count: usize, k: usize, dst: &mut [f32], width: us
     }
 }
 
-/// Rows `0..rows` of `out`, columns `col..col + NR`, get the tile `a` · `b` + `bias`. A row
-/// shorter than `col + NR` (the last panel of a width that is not a multiple of `NR`) gets the
-/// columns it has, through a spill buffer on the stack.
+/// Rows `0..rows` of `out`, columns `col..col + NR`, get the tile `a` · `b` + `bias` (`b`'s
+/// rows at stride `ldb`). A row shorter than `col + NR` (the last panel of a width that is not a
+/// multiple of `NR`) gets the columns it has, through a spill buffer on the stack.
 #[allow(clippy::too_many_arguments)]
 fn tile<K: Microkernel>(
     kernel: K,
     rows: usize,
     a: &[f32],
     b: &[f32],
+    ldb: usize,
     k: usize,
     bias: &[f32],
     out: &mut [&mut [f32]],
@@ -192,12 +227,13 @@ fn tile<K: Microkernel>(
             && K::MR <= MAX_MR
             && K::NR <= MAX_NR
             && a.len() >= K::MR * k
-            && b.len() >= K::NR * k
+            && ldb >= K::NR
+            && b.len() >= k.saturating_sub(1) * ldb + K::NR
             && bias.len() >= K::NR
             && out.len() >= rows
             && out[..rows].iter().all(|row| row.len() >= col),
-        "f32 gemm tile: {rows} rows of {}, k {k}, panels of {} and {} floats, {} bias, {} output \
-         rows from column {col}",
+        "f32 gemm tile: {rows} rows of {}, k {k}, panels of {} and {} floats (stride {ldb}), {} \
+         bias, {} output rows from column {col}",
         K::MR,
         a.len(),
         b.len(),
@@ -211,14 +247,14 @@ fn tile<K: Microkernel>(
         }
         // SAFETY: checked above: `1 ≤ rows ≤ MR`, `NR` floats after each pointer, and the
         // lengths of the panels and the bias.
-        unsafe { kernel.tile_raw(rows, a, b, k, bias, &pointers[..rows], prefetch) };
+        unsafe { kernel.tile_raw(rows, a, b, ldb, k, bias, &pointers[..rows], prefetch) };
     } else {
         let mut spill = [[0.0f32; MAX_NR]; MAX_MR];
         for (pointer, row) in pointers.iter_mut().zip(spill.iter_mut()) {
             *pointer = row.as_mut_ptr();
         }
         // SAFETY: as above, into the spill rows of `MAX_NR ≥ NR` floats.
-        unsafe { kernel.tile_raw(rows, a, b, k, bias, &pointers[..rows], prefetch) };
+        unsafe { kernel.tile_raw(rows, a, b, ldb, k, bias, &pointers[..rows], prefetch) };
         for (row, computed) in out.iter_mut().zip(&spill).take(rows) {
             let row = &mut row[col..];
             let len = row.len();
@@ -241,6 +277,7 @@ impl Microkernel for Portable {
         rows: usize,
         a: &[f32],
         b: &[f32],
+        ldb: usize,
         k: usize,
         bias: &[f32],
         out: &[*mut f32],
@@ -249,7 +286,8 @@ impl Microkernel for Portable {
         const MR: usize = Portable::MR;
         const NR: usize = Portable::NR;
         let mut acc = [[0.0f32; NR]; MR];
-        for (av, bv) in a.chunks_exact(MR).zip(b.chunks_exact(NR)).take(k) {
+        for (kk, av) in a.chunks_exact(MR).take(k).enumerate() {
+            let bv = &b[kk * ldb..kk * ldb + NR];
             for (row, &x) in acc.iter_mut().zip(av) {
                 for (c, &w) in row.iter_mut().zip(bv) {
                     *c = x.mul_add(w, *c);
@@ -266,7 +304,7 @@ impl Microkernel for Portable {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{check_pack, Isa, Microkernel};
@@ -317,7 +355,7 @@ mod x86 {
 
     /// Transposes 16 rows of 16 floats: lane `r` of `out[c]` is lane `c` of `r[r]`.
     #[target_feature(enable = "avx512f")]
-    fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    pub(in crate::kernels) fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
         // Within each 128-bit lane: interleave pairs of rows...
         let mut t = [_mm512_setzero_ps(); 16];
         for i in 0..8 {
@@ -415,12 +453,13 @@ mod x86 {
     /// The AVX-512 tile for `R ≤ 12` rows: 2 zmm accumulators per row, 32 columns.
     ///
     /// # Safety
-    /// The CPU has AVX-512F; `a` holds `12 · k` floats, `b` `32 · k`, `bias` 32, and `out`
-    /// `R` pointers to 32 writable floats each.
+    /// The CPU has AVX-512F; `a` holds `12 · k` floats, `b` `k` rows of 32 at stride `ldb`,
+    /// `bias` 32, and `out` `R` pointers to 32 writable floats each.
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_avx512<const R: usize>(
         a: *const f32,
         b: *const f32,
+        ldb: usize,
         k: usize,
         bias: *const f32,
         out: &[*mut f32],
@@ -432,8 +471,8 @@ mod x86 {
             prefetcher.step();
             // SAFETY: `kk < k`: inside both panels.
             unsafe {
-                let b0 = _mm512_loadu_ps(b.add(kk * 32));
-                let b1 = _mm512_loadu_ps(b.add(kk * 32 + 16));
+                let b0 = _mm512_loadu_ps(b.add(kk * ldb));
+                let b1 = _mm512_loadu_ps(b.add(kk * ldb + 16));
                 let ak = a.add(kk * MR_512);
                 for (i, row) in acc.iter_mut().enumerate() {
                     let x = _mm512_set1_ps(*ak.add(i));
@@ -453,9 +492,80 @@ mod x86 {
         }
     }
 
+    /// [`tile_avx512`] over two panels at once (64 columns, 4 zmm accumulators per row; 6 rows
+    /// use 24 of the 32 registers for them).
+    ///
+    /// # Safety
+    /// As [`tile_avx512`], with `b2` as `b`, 64 bias floats and 64 writable floats per output.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn tile_pair_avx512<const R: usize>(
+        a: *const f32,
+        [b, b2]: [*const f32; 2],
+        ldb: usize,
+        k: usize,
+        bias: *const f32,
+        out: &[*mut f32],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; R];
+        for kk in 0..k {
+            // SAFETY: `kk < k`: inside both panels.
+            unsafe {
+                let w = [
+                    _mm512_loadu_ps(b.add(kk * ldb)),
+                    _mm512_loadu_ps(b.add(kk * ldb + 16)),
+                    _mm512_loadu_ps(b2.add(kk * ldb)),
+                    _mm512_loadu_ps(b2.add(kk * ldb + 16)),
+                ];
+                let ak = a.add(kk * MR_512);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let x = _mm512_set1_ps(*ak.add(i));
+                    for (acc, w) in row.iter_mut().zip(w) {
+                        *acc = _mm512_fmadd_ps(x, w, *acc);
+                    }
+                }
+            }
+        }
+        // SAFETY: 64 bias floats, and 64 writable floats at each of the `R` output pointers.
+        unsafe {
+            for (&to, row) in out.iter().zip(&acc) {
+                for (v, acc) in row.iter().enumerate() {
+                    let bias = _mm512_loadu_ps(bias.add(16 * v));
+                    _mm512_storeu_ps(to.add(16 * v), _mm512_add_ps(*acc, bias));
+                }
+            }
+        }
+    }
+
     impl Microkernel for Avx512 {
         const MR: usize = MR_512;
         const NR: usize = 32;
+
+        unsafe fn tile_pair_raw(
+            self,
+            rows: usize,
+            a: &[f32],
+            [b, b2]: [&[f32]; 2],
+            ldb: usize,
+            k: usize,
+            bias: &[f32],
+            out: &[*mut f32],
+        ) -> bool {
+            let (a, panels, bias) = (a.as_ptr(), [b.as_ptr(), b2.as_ptr()], bias.as_ptr());
+            // SAFETY: `self` exists, so the CPU has AVX-512F; the caller vouches for the lengths,
+            // and `rows` picks the body that writes exactly the rows given.
+            unsafe {
+                match rows {
+                    1 => tile_pair_avx512::<1>(a, panels, ldb, k, bias, out),
+                    2 => tile_pair_avx512::<2>(a, panels, ldb, k, bias, out),
+                    3 => tile_pair_avx512::<3>(a, panels, ldb, k, bias, out),
+                    4 => tile_pair_avx512::<4>(a, panels, ldb, k, bias, out),
+                    5 => tile_pair_avx512::<5>(a, panels, ldb, k, bias, out),
+                    6 => tile_pair_avx512::<6>(a, panels, ldb, k, bias, out),
+                    _ => return false,
+                }
+            }
+            true
+        }
 
         fn pack(self, src: &[f32], count: usize, k: usize, dst: &mut [f32], width: usize) {
             check_pack(src, count, k, dst, width);
@@ -482,6 +592,7 @@ mod x86 {
             rows: usize,
             a: &[f32],
             b: &[f32],
+            ldb: usize,
             k: usize,
             bias: &[f32],
             out: &[*mut f32],
@@ -492,18 +603,18 @@ mod x86 {
             // and `rows` picks the body that writes exactly the rows given.
             unsafe {
                 match rows {
-                    1 => tile_avx512::<1>(a, b, k, bias, out, prefetch),
-                    2 => tile_avx512::<2>(a, b, k, bias, out, prefetch),
-                    3 => tile_avx512::<3>(a, b, k, bias, out, prefetch),
-                    4 => tile_avx512::<4>(a, b, k, bias, out, prefetch),
-                    5 => tile_avx512::<5>(a, b, k, bias, out, prefetch),
-                    6 => tile_avx512::<6>(a, b, k, bias, out, prefetch),
-                    7 => tile_avx512::<7>(a, b, k, bias, out, prefetch),
-                    8 => tile_avx512::<8>(a, b, k, bias, out, prefetch),
-                    9 => tile_avx512::<9>(a, b, k, bias, out, prefetch),
-                    10 => tile_avx512::<10>(a, b, k, bias, out, prefetch),
-                    11 => tile_avx512::<11>(a, b, k, bias, out, prefetch),
-                    _ => tile_avx512::<12>(a, b, k, bias, out, prefetch),
+                    1 => tile_avx512::<1>(a, b, ldb, k, bias, out, prefetch),
+                    2 => tile_avx512::<2>(a, b, ldb, k, bias, out, prefetch),
+                    3 => tile_avx512::<3>(a, b, ldb, k, bias, out, prefetch),
+                    4 => tile_avx512::<4>(a, b, ldb, k, bias, out, prefetch),
+                    5 => tile_avx512::<5>(a, b, ldb, k, bias, out, prefetch),
+                    6 => tile_avx512::<6>(a, b, ldb, k, bias, out, prefetch),
+                    7 => tile_avx512::<7>(a, b, ldb, k, bias, out, prefetch),
+                    8 => tile_avx512::<8>(a, b, ldb, k, bias, out, prefetch),
+                    9 => tile_avx512::<9>(a, b, ldb, k, bias, out, prefetch),
+                    10 => tile_avx512::<10>(a, b, ldb, k, bias, out, prefetch),
+                    11 => tile_avx512::<11>(a, b, ldb, k, bias, out, prefetch),
+                    _ => tile_avx512::<12>(a, b, ldb, k, bias, out, prefetch),
                 }
             }
         }
@@ -600,12 +711,13 @@ mod x86 {
     /// 2 panel vectors and a broadcast: 15 of the 16 ymm registers).
     ///
     /// # Safety
-    /// The CPU has AVX2 and FMA; `a` holds `6 · k` floats, `b` `16 · k`, `bias` 16, and `out`
-    /// `R` pointers to 16 writable floats each.
+    /// The CPU has AVX2 and FMA; `a` holds `6 · k` floats, `b` `k` rows of 16 at stride `ldb`,
+    /// `bias` 16, and `out` `R` pointers to 16 writable floats each.
     #[target_feature(enable = "avx2,fma")]
     unsafe fn tile_avx2<const R: usize>(
         a: *const f32,
         b: *const f32,
+        ldb: usize,
         k: usize,
         bias: *const f32,
         out: &[*mut f32],
@@ -617,8 +729,8 @@ mod x86 {
             prefetcher.step();
             // SAFETY: `kk < k`: inside both panels.
             unsafe {
-                let b0 = _mm256_loadu_ps(b.add(kk * 16));
-                let b1 = _mm256_loadu_ps(b.add(kk * 16 + 8));
+                let b0 = _mm256_loadu_ps(b.add(kk * ldb));
+                let b1 = _mm256_loadu_ps(b.add(kk * ldb + 8));
                 let ak = a.add(kk * MR_2);
                 for (i, row) in acc.iter_mut().enumerate() {
                     let x = _mm256_broadcast_ss(&*ak.add(i));
@@ -665,6 +777,7 @@ mod x86 {
             rows: usize,
             a: &[f32],
             b: &[f32],
+            ldb: usize,
             k: usize,
             bias: &[f32],
             out: &[*mut f32],
@@ -675,12 +788,12 @@ mod x86 {
             // lengths, and `rows` picks the body that writes exactly the rows given.
             unsafe {
                 match rows {
-                    1 => tile_avx2::<1>(a, b, k, bias, out, prefetch),
-                    2 => tile_avx2::<2>(a, b, k, bias, out, prefetch),
-                    3 => tile_avx2::<3>(a, b, k, bias, out, prefetch),
-                    4 => tile_avx2::<4>(a, b, k, bias, out, prefetch),
-                    5 => tile_avx2::<5>(a, b, k, bias, out, prefetch),
-                    _ => tile_avx2::<6>(a, b, k, bias, out, prefetch),
+                    1 => tile_avx2::<1>(a, b, ldb, k, bias, out, prefetch),
+                    2 => tile_avx2::<2>(a, b, ldb, k, bias, out, prefetch),
+                    3 => tile_avx2::<3>(a, b, ldb, k, bias, out, prefetch),
+                    4 => tile_avx2::<4>(a, b, ldb, k, bias, out, prefetch),
+                    5 => tile_avx2::<5>(a, b, ldb, k, bias, out, prefetch),
+                    _ => tile_avx2::<6>(a, b, ldb, k, bias, out, prefetch),
                 }
             }
         }
@@ -713,13 +826,52 @@ pub(crate) fn gemm_with(
     bias: &[f32],
 ) -> Vec<f32> {
     assert!(
-        rows.checked_mul(k) == Some(x.len())
-            && n.checked_mul(k) == Some(w.len())
-            && bias.len() == n,
-        "f32 gemm: {rows}×{k} input ({} floats), {n}×{k} weights ({} floats), {} biases for {n} \
-         outputs",
-        x.len(),
+        n.checked_mul(k) == Some(w.len()),
+        "f32 gemm: {n}×{k} weights ({} floats)",
         w.len(),
+    );
+    run_with(isa, x, rows, &PackEachCall { w, n, k }, n, k, bias)
+}
+
+/// [`gemm_with`] over weights already in panels of [`PANEL`] columns, k-major: panel `p` holds
+/// `w[p · PANEL + j][kk]` at `panels[(p · k + kk) · PANEL + j]`, zeros past `n`. Gives
+/// [`gemm_with`]'s bits, without packing the weights at every call: what lets one kernel serve
+/// a decode step of one row as well as a 512-row prefill.
+pub(crate) fn gemm_prepacked_with(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    panels: &[f32],
+    n: usize,
+    k: usize,
+    bias: &[f32],
+) -> Vec<f32> {
+    assert!(
+        n.div_ceil(PANEL).checked_mul(PANEL * k) == Some(panels.len()),
+        "f32 gemm: {n}×{k} weights in panels of {PANEL} ({} floats)",
+        panels.len(),
+    );
+    run_with(isa, x, rows, &Prepacked { panels, k }, n, k, bias)
+}
+
+/// Columns per prepacked weight panel: the AVX-512 tile's width; the 16-column tiles read each
+/// panel in two halves.
+pub(crate) const PANEL: usize = 32;
+
+/// Checks the shapes common to both entry points and runs the kernel `isa` names.
+fn run_with<S: PanelSource>(
+    isa: Isa,
+    x: &[f32],
+    rows: usize,
+    source: &S,
+    n: usize,
+    k: usize,
+    bias: &[f32],
+) -> Vec<f32> {
+    assert!(
+        rows.checked_mul(k) == Some(x.len()) && bias.len() == n,
+        "f32 gemm: {rows}×{k} input ({} floats), {} biases for {n} outputs",
+        x.len(),
         bias.len()
     );
     if rows == 0 || n == 0 {
@@ -731,24 +883,111 @@ pub(crate) fn gemm_with(
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 => match x86::Avx512::new() {
-            Some(kernel) => drive(kernel, x, rows, w, n, k, bias),
-            None => drive(Portable, x, rows, w, n, k, bias),
+            Some(kernel) => drive(kernel, x, rows, source, n, k, bias),
+            None => drive(Portable, x, rows, source, n, k, bias),
         },
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 => match x86::Avx2::new() {
-            Some(kernel) => drive(kernel, x, rows, w, n, k, bias),
-            None => drive(Portable, x, rows, w, n, k, bias),
+            Some(kernel) => drive(kernel, x, rows, source, n, k, bias),
+            None => drive(Portable, x, rows, source, n, k, bias),
         },
-        _ => drive(Portable, x, rows, w, n, k, bias),
+        _ => drive(Portable, x, rows, source, n, k, bias),
+    }
+}
+
+/// Where a tile's weights come from: an `NR`-column panel, k-major.
+trait PanelSource: Sync {
+    /// Runs `f` on the panel of the `count ≤ NR` columns from `j0` (a multiple of `NR`): its
+    /// floats, their row stride, and the weights worth prefetching while it computes.
+    fn with_panel<K: Microkernel>(
+        &self,
+        kernel: K,
+        j0: usize,
+        count: usize,
+        f: impl FnOnce(&[f32], usize, &[f32]),
+    );
+
+    /// The two whole `NR`-column panels from `j0` side by side, and their row stride, where the
+    /// weights are already packed; `None` otherwise.
+    fn pair<K: Microkernel>(&self, _kernel: K, _j0: usize) -> Option<([&[f32]; 2], usize)> {
+        None
+    }
+}
+
+/// Weights `(n, k)` row-major, packed panel by panel into each thread's buffer as they are used.
+struct PackEachCall<'a> {
+    w: &'a [f32],
+    n: usize,
+    k: usize,
+}
+
+impl PanelSource for PackEachCall<'_> {
+    fn with_panel<K: Microkernel>(
+        &self,
+        kernel: K,
+        j0: usize,
+        count: usize,
+        f: impl FnOnce(&[f32], usize, &[f32]),
+    ) {
+        let (nr, w, n, k) = (K::NR, self.w, self.n, self.k);
+        with_panel_buffer(nr * k, |b| {
+            kernel.pack(&w[j0 * k..(j0 + count) * k], count, k, b, nr);
+            // The next panel's weights (most likely this thread's next panel).
+            let upcoming = &w[(j0 + nr).min(n) * k..(j0 + 2 * nr).min(n) * k];
+            f(b, nr, upcoming)
+        })
+    }
+}
+
+/// Weights packed once, in panels of [`PANEL`] columns (see [`gemm_prepacked_with`]).
+struct Prepacked<'a> {
+    panels: &'a [f32],
+    k: usize,
+}
+
+impl PanelSource for Prepacked<'_> {
+    fn pair<K: Microkernel>(&self, _kernel: K, j0: usize) -> Option<([&[f32]; 2], usize)> {
+        let panel_len = PANEL * self.k;
+        let panel_of = |j: usize| {
+            let start = j / PANEL * panel_len + j % PANEL;
+            // The `NR` columns from `j`, at stride `PANEL`, for all of `k`.
+            self.panels.get(start..start + (self.k - 1) * PANEL + K::NR)
+        };
+        Some(([panel_of(j0)?, panel_of(j0 + K::NR)?], PANEL))
+    }
+
+    fn with_panel<K: Microkernel>(
+        &self,
+        _kernel: K,
+        j0: usize,
+        _count: usize,
+        f: impl FnOnce(&[f32], usize, &[f32]),
+    ) {
+        let panel_len = PANEL * self.k;
+        let (panel, within) = (j0 / PANEL, j0 % PANEL);
+        let start = panel * panel_len;
+        // The next panel, asked for by the tile that reads this one's first columns.
+        let upcoming = match within {
+            0 => {
+                &self.panels[(start + panel_len).min(self.panels.len())
+                    ..(start + 2 * panel_len).min(self.panels.len())]
+            }
+            _ => &[],
+        };
+        f(
+            &self.panels[start + within..start + panel_len],
+            PANEL,
+            upcoming,
+        )
     }
 }
 
 /// The GEMM around one kernel; the caller checked the lengths and that `rows`, `n`, `k` ≥ 1.
-fn drive<K: Microkernel>(
+fn drive<K: Microkernel, S: PanelSource>(
     kernel: K,
     x: &[f32],
     rows: usize,
-    w: &[f32],
+    source: &S,
     n: usize,
     k: usize,
     bias: &[f32],
@@ -765,11 +1004,29 @@ fn drive<K: Microkernel>(
     }
     let offset = a_buffer.as_ptr().align_offset(64) % LINE_FLOATS;
     let a = &mut a_buffer[offset..offset + row_tiles * a_len];
-    a.par_chunks_mut(a_len).enumerate().for_each(|(t, panel)| {
+    let pack_rows = |(t, panel): (usize, &mut [f32])| {
         let r0 = t * mr;
         let count = mr.min(rows - r0);
-        kernel.pack(&x[r0 * k..(r0 + count) * k], count, k, panel, mr);
-    });
+        if count <= FEW_ROWS {
+            // A decode step's few rows: copied lane by lane, leaving the lanes past `count`
+            // as they were, since the tile for `count` rows never reads them. The register
+            // transposes (16 rows each, masked stores) took 4.6% of a greedy f32 run's samples
+            // this way, against 0.8% for the streaming kernel they replaced (2-vCPU EPYC).
+            for (i, row) in x[r0 * k..(r0 + count) * k].chunks_exact(k).enumerate() {
+                for (kk, &value) in row.iter().enumerate() {
+                    panel[kk * mr + i] = value;
+                }
+            }
+        } else {
+            kernel.pack(&x[r0 * k..(r0 + count) * k], count, k, panel, mr);
+        }
+    };
+    if row_tiles == 1 {
+        // A decode step's few rows: not worth waking the pool.
+        a.chunks_mut(a_len).enumerate().for_each(pack_rows);
+    } else {
+        a.par_chunks_mut(a_len).enumerate().for_each(pack_rows);
+    }
     let a = &*a;
 
     // Each task owns `TASK_PANELS` panels' columns of every output row.
@@ -789,16 +1046,41 @@ fn drive<K: Microkernel>(
         .for_each(|(task, mut out)| {
             let start = task * task_columns;
             let panels = (n - start).min(task_columns).div_ceil(nr);
-            with_panel_buffer(nr * k, |b| {
-                for p in 0..panels {
-                    let j0 = start + p * nr;
-                    let count = nr.min(n - j0);
-                    kernel.pack(&w[j0 * k..(j0 + count) * k], count, k, b, nr);
-                    let mut bias_panel = [0.0f32; MAX_NR];
-                    bias_panel[..count].copy_from_slice(&bias[j0..j0 + count]);
-                    // The next panel's weights (most likely this thread's next panel), fetched into
-                    // L2 while this one computes, a share per row tile.
-                    let upcoming = &w[(j0 + nr).min(n) * k..(j0 + 2 * nr).min(n) * k];
+            let mut p = 0;
+            while p < panels {
+                let j0 = start + p * nr;
+                if rows <= FEW_ROWS && p + 1 < panels && n - j0 >= 2 * nr {
+                    if let Some((pair, ldb)) = source.pair(kernel, j0) {
+                        let mut pointers = [std::ptr::null_mut::<f32>(); FEW_ROWS];
+                        for (pointer, row) in pointers.iter_mut().zip(out.iter_mut()) {
+                            *pointer = row[p * nr..p * nr + 2 * nr].as_mut_ptr();
+                        }
+                        // SAFETY: `rows ≤ FEW_ROWS` rows of `x` packed in `a`; both panels hold
+                        // `k` rows of `NR` at stride `ldb` (`pair` sliced them so); the bias and
+                        // every output row hold the `2 · NR` columns from `j0` (sliced above).
+                        let done = unsafe {
+                            kernel.tile_pair_raw(
+                                rows,
+                                &a[..a_len],
+                                pair,
+                                ldb,
+                                k,
+                                &bias[j0..j0 + 2 * nr],
+                                &pointers[..rows],
+                            )
+                        };
+                        if done {
+                            p += 2;
+                            continue;
+                        }
+                    }
+                }
+                let count = nr.min(n - j0);
+                let mut bias_panel = [0.0f32; MAX_NR];
+                bias_panel[..count].copy_from_slice(&bias[j0..j0 + count]);
+                source.with_panel(kernel, j0, count, |b, ldb, upcoming| {
+                    // The upcoming weights are fetched into L2 while this panel computes, a share
+                    // per row tile.
                     let share = upcoming.len().div_ceil(row_tiles * LINE_FLOATS) * LINE_FLOATS;
                     for t in 0..row_tiles {
                         let r0 = t * mr;
@@ -808,6 +1090,7 @@ fn drive<K: Microkernel>(
                             tile_rows,
                             &a[t * a_len..(t + 1) * a_len],
                             b,
+                            ldb,
                             k,
                             &bias_panel,
                             &mut out[r0..r0 + tile_rows],
@@ -816,8 +1099,9 @@ fn drive<K: Microkernel>(
                                 ..((t + 1) * share).min(upcoming.len())],
                         );
                     }
-                }
-            });
+                });
+                p += 1;
+            }
         });
 
     let mut cached = X_PANELS.lock().unwrap_or_else(PoisonError::into_inner);

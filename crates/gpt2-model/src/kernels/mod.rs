@@ -3,8 +3,9 @@
 //!
 //! | file | what |
 //! | --- | --- |
-//! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` |
-//! | `gemm_f32.rs` | many activation rows (prefill) times an f32 weight matrix, packed panels |
+//! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` (the tied LM head) |
+//! | `gemm_f32.rs` | activation rows times an f32 weight matrix, packed panels, any row count |
+//! | `panel_f32.rs` | f32 weights stored in the GEMM's panels: one kernel for every row count |
 //! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
 //! | `bf16.rs` | bf16 weights and their matmul (`vdpbf16ps`, or widening and FMA) |
 //! | `attention.rs` | one query per head over its cached keys and values (a decode step) |
@@ -23,6 +24,7 @@ pub(crate) mod bf16;
 pub(crate) mod causal_attention;
 pub(crate) mod gemm_f32;
 pub(crate) mod matmul_f32;
+pub(crate) mod panel_f32;
 pub(crate) mod q8_0;
 
 use candle_core::{CpuStorage, Layout};
