@@ -7,7 +7,10 @@ running stream's inter-token gaps before the long request (its normal pace) and 
 prompt is prefilled, and prints, per setting: the normal p50 and p99 gap, the p99 and the longest
 gap during the prefill, and their ratio to the normal p99 (the goal: ≤ 2).
 
-    python3 benches/compare/prefill_stall.py --model-dir DIR [--chunks 256,8192] [--runs 3]
+    python3 benches/compare/prefill_stall.py --model-dir DIR [--chunks 64,8192] [--runs 3] [--stall-percent 50]
+
+--stall-percent is the server's --max-prefill-stall-percent: how much one chunk may lengthen a
+decode step (the chunks are sized by measurement below the --prefill-chunk-tokens cap).
 
 Only the standard library; the server binary must be built (cargo build --release -p gpt2-server).
 """
@@ -58,7 +61,8 @@ def start_server(args, chunk: int):
     port = free_port()
     cmd = [str(args.server_bin), "--model", str(args.model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--log-format", "json", "--dtype", args.dtype,
-           "--prefill-chunk-tokens", str(chunk)]
+           "--prefill-chunk-tokens", str(chunk),
+           "--max-prefill-stall-percent", str(args.stall_percent)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -141,13 +145,16 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--stall-percent", type=int, default=50,
+                    help="--max-prefill-stall-percent of the server (how much a chunk may add to a step)")
     args = ap.parse_args()
 
     # About 10 tokens per repetition with GPT-2's vocabulary.
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] *
                            max(1, args.prompt_tokens // 10))
     print(f"CPU: {cpu_model()}; {args.threads} threads; dtype {args.dtype}; "
-          f"long prompt ~{args.prompt_tokens} tokens", flush=True)
+          f"long prompt ~{args.prompt_tokens} tokens; "
+          f"--max-prefill-stall-percent {args.stall_percent}", flush=True)
     rows = []
     for chunk in [int(c) for c in args.chunks.split(",")]:
         proc, port = start_server(args, chunk)

@@ -175,8 +175,8 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=(1 << 30))
     )]
     pub kv_budget_mb: Option<u64>,
-    /// Prompt tokens prefilled between two decode steps (1-8192): a longer prompt is prefilled
-    /// in chunks of this size, so running streams wait at most one chunk.
+    /// Most prompt tokens prefilled in one decode step while others decode (1-8192): a longer
+    /// prompt is prefilled in chunks of at most this size, sized below it by measurement.
     #[arg(
         long,
         env = "GPT2_PREFILL_CHUNK_TOKENS",
@@ -185,6 +185,17 @@ pub struct ServerArgs {
         value_parser = clap::value_parser!(u64).range(1..=8192)
     )]
     pub prefill_chunk_tokens: u64,
+    /// How much one prompt chunk may lengthen the running streams' decode step, in percent of the
+    /// step's own time (1-10000): chunks are sized by measurement to stay within it; more
+    /// prefills long prompts sooner and makes the streams' gaps longer.
+    #[arg(
+        long,
+        env = "GPT2_MAX_PREFILL_STALL_PERCENT",
+        value_name = "PERCENT",
+        default_value_t = 50,
+        value_parser = clap::value_parser!(u64).range(1..=10000)
+    )]
+    pub max_prefill_stall_percent: u64,
     /// Most sequence rows (sequences or beams) in one decode step (1-4096); requests beyond wait
     /// in arrival order.
     #[arg(
@@ -444,6 +455,7 @@ impl ServerArgs {
             deadline: Duration::from_secs(self.deadline_secs()),
             kv_budget_bytes,
             prefill_chunk_tokens: self.prefill_chunk_tokens as usize,
+            max_prefill_stall_percent: self.max_prefill_stall_percent as u32,
             max_batch_rows: self.max_batch_rows as usize,
         }
     }

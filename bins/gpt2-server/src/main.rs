@@ -140,6 +140,7 @@ async fn run(args: ServerArgs) -> Result<(), String> {
         body_budget_mb = args.body_budget_mb,
         serve_half_closed = args.serve_half_closed,
         prefill_chunk_tokens = args.prefill_chunk_tokens,
+        max_prefill_stall_percent = args.max_prefill_stall_percent,
         max_batch_rows = args.max_batch_rows,
         open_files = open_files.unwrap_or(0),
         "listening"

@@ -264,6 +264,8 @@ fn every_numeric_flag_is_bounded() {
         ("--port", "65536", "0..=65535"),
         ("--prefill-chunk-tokens", "0", "1..=8192"),
         ("--prefill-chunk-tokens", "8193", "1..=8192"),
+        ("--max-prefill-stall-percent", "0", "1..=10000"),
+        ("--max-prefill-stall-percent", "10001", "1..=10000"),
         ("--max-batch-rows", "0", "1..=4096"),
         ("--max-batch-rows", "4097", "1..=4096"),
     ] {
@@ -317,6 +319,7 @@ fn every_option_can_come_from_the_environment() {
             ("GPT2_MAX_NUM_RETURN_SEQUENCES", "2"),
             ("GPT2_MAX_NUM_BEAMS", "3"),
             ("GPT2_PREFILL_CHUNK_TOKENS", "128"),
+            ("GPT2_MAX_PREFILL_STALL_PERCENT", "150"),
             ("GPT2_MAX_BATCH_ROWS", "5"),
         ],
     );
@@ -336,6 +339,7 @@ fn every_option_can_come_from_the_environment() {
     assert_eq!(listening["deadline_secs"], 42, "{listening}");
     assert_eq!(listening["shutdown_grace_secs"], 3, "{listening}");
     assert_eq!(listening["prefill_chunk_tokens"], 128, "{listening}");
+    assert_eq!(listening["max_prefill_stall_percent"], 150, "{listening}");
     assert_eq!(listening["max_batch_rows"], 5, "{listening}");
     assert_eq!(max_concurrent_transforms(&server), 7);
     let too_many = server.invoke(r#"{"input": "Hi", "num_return_sequences": 3}"#);

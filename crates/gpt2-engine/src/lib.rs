@@ -34,6 +34,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod chunk_sizer;
 mod events;
 mod pipeline;
 mod prepare;

@@ -1,25 +1,26 @@
 //! The inference thread's loop: continuous batching under two budgets.
 //!
-//! Each round prefills at most `prefill_chunk_tokens` prompt tokens (a long prompt one chunk at a
-//! time, a few short prompts whole; at least 256 while nothing decodes), then runs one decode step
-//! over the pending tokens of every running request, so each weight is read once per step for all
-//! of them. While requests decode, a long prompt's chunk runs inside that step's pass
-//! (`Gpt2Model::forward_mixed`). Requests join the batch in arrival order while their rows fit
-//! under `max_batch_rows`; finished ones leave at once.
+//! Each round runs one decode step over the pending tokens of every running request, so each
+//! weight is read once per step for all of them. While requests decode, the prompt being
+//! prefilled runs one chunk inside that step's pass (`Gpt2Model::forward_mixed`), sized by
+//! measurement so that it adds at most `max_prefill_stall_percent` (50 by default) of a step's time
+//! ([`ChunkSizer`]) and never more than `prefill_chunk_tokens`. While nothing decodes, prompts are prefilled on their own in chunks of
+//! at least 256 tokens, a few short ones per round. Requests join the batch in arrival order while
+//! their rows fit under `max_batch_rows`; finished ones leave at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use crate::chunk_sizer::ChunkSizer;
 use crate::events::EventBuilder;
 use crate::run::Prefill;
 use crate::worker::{EngineStats, Job, WorkerMessage};
 use crate::{Decoding, EngineConfig, EngineError, Pipeline};
 
-/// Separate prefills started per round at most, whatever their length: each one reads every
-/// weight once, as a decode step does, so a burst of short prompts would otherwise hold the
-/// running streams for many steps' worth of time.
+/// Prefills started per round at most while nothing decodes (while requests decode, one prompt at
+/// a time runs beside the steps): each reads every weight once, as a decode step does.
 const PREFILLS_PER_ROUND: usize = 2;
 
 /// Prompt tokens per chunk while no request is decoding: nothing waits on the chunks then but
@@ -30,6 +31,7 @@ const IDLE_PREFILL_CHUNK_TOKENS: usize = 256;
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Schedule {
     prefill_chunk_tokens: usize,
+    max_prefill_stall: f64,
     max_batch_rows: usize,
 }
 
@@ -37,6 +39,7 @@ impl Schedule {
     pub(crate) fn from_config(config: &EngineConfig) -> Self {
         Self {
             prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
+            max_prefill_stall: f64::from(config.max_prefill_stall_percent) / 100.0,
             max_batch_rows: config.max_batch_rows.max(1),
         }
     }
@@ -115,6 +118,7 @@ pub(crate) fn serve_jobs(
     let mut running: Vec<Running<'_>> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut prefilling: Option<Prefilling> = None;
+    let mut sizer = ChunkSizer::new(schedule.prefill_chunk_tokens, schedule.max_prefill_stall);
     let mut queue_open = true;
     loop {
         // Take what arrived; sleep on the queue only when there is nothing else to do.
@@ -141,6 +145,7 @@ pub(crate) fn serve_jobs(
         let stalled = prefill_round(
             pipeline,
             schedule,
+            sizer.next_chunk(),
             &mut waiting,
             &mut prefilling,
             &mut running,
@@ -166,25 +171,28 @@ pub(crate) fn serve_jobs(
         metrics::gauge!("gpt2_running_sequences").set(rows as f64);
         metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
         let stepped = Instant::now();
-        step(pipeline, &mut running, &mut prefilling);
-        metrics::histogram!("gpt2_decode_step_duration_seconds")
-            .record(stepped.elapsed().as_secs_f64());
+        let chunk_tokens = step(pipeline, &mut running, &mut prefilling);
+        let elapsed = stepped.elapsed();
+        sizer.record_step(chunk_tokens, elapsed);
+        metrics::histogram!("gpt2_decode_step_duration_seconds").record(elapsed.as_secs_f64());
     }
 }
 
 /// One round's prefill work: continues the prompt being prefilled and starts waiting requests,
-/// in arrival order, within the round's token budget and the batch's row budget. Returns the
-/// prompt tokens it ran while other requests were decoding (what they waited for).
+/// in arrival order, within the round's token budget and the batch's row budget. While requests
+/// decode it only sets up the next chunk, of `beside_step_tokens`, for the step's pass. Returns
+/// the prompt tokens the running requests wait for this round.
 fn prefill_round<'p>(
     pipeline: &'p Pipeline,
     schedule: &Schedule,
+    beside_step_tokens: usize,
     waiting: &mut VecDeque<Job>,
     prefilling: &mut Option<Prefilling>,
     running: &mut Vec<Running<'p>>,
 ) -> usize {
     let decoding_before = !running.is_empty();
     let chunk_tokens = if decoding_before {
-        schedule.prefill_chunk_tokens
+        beside_step_tokens
     } else {
         schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS)
     };
@@ -228,8 +236,8 @@ fn prefill_round<'p>(
         if chunk > budget && budget < chunk_tokens {
             return stalled;
         }
-        if decoding_before && current.prefill.prompt().len() > chunk_tokens {
-            // A long prompt's chunks run in the decode step's own pass (see `step`).
+        if decoding_before {
+            // The chunk runs in the decode step's own pass (see `step`).
             return stalled + chunk;
         }
 
@@ -331,14 +339,13 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
 }
 
 /// One decode step over every running request, publishing their events; a prompt being
-/// prefilled runs its next chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]:
-/// with bf16 or q8_0 weights each matrix is read once for both), then joins the batch once its
-/// last chunk ran.
+/// prefilled runs its next chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]),
+/// then joins the batch once its last chunk ran. Returns the chunk's tokens (0: none ran).
 fn step<'p>(
     pipeline: &'p Pipeline,
     running: &mut Vec<Running<'p>>,
     prefilling: &mut Option<Prefilling>,
-) {
+) -> usize {
     let vocab = pipeline.model().config().vocab_size;
     let tokens: Vec<u32> = running
         .iter()
@@ -351,17 +358,22 @@ fn step<'p>(
     let mut caches: Vec<&mut gpt2_model::KvCache> =
         running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
     let mut stepped = None;
+    let mut chunk_tokens = 0;
     if let Some(current) = prefilling
         .as_mut()
         .filter(|p| p.prefill.next_chunk_tokens() > 0)
     {
         let clock = Instant::now();
+        let chunk = current.prefill.next_chunk_tokens();
         let ran = current
             .prefill
             .run_chunk_beside(pipeline.model(), &tokens, &mut caches);
         current.spent += clock.elapsed();
         match ran {
-            Ok(logits) => stepped = Some(Ok(logits)),
+            Ok(logits) => {
+                chunk_tokens = chunk;
+                stepped = Some(Ok(logits));
+            }
             Err(e) => {
                 // The chunk may be what failed: it fails alone, and the step runs without it (a
                 // failed pass committed no cache position, so the retry rewrites the same ones).
@@ -384,7 +396,7 @@ fn step<'p>(
                 r.job
                     .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
             }
-            return;
+            return chunk_tokens;
         }
     };
     let mut offset = 0;
@@ -403,4 +415,5 @@ fn step<'p>(
             request.publish(running);
         }
     }
+    chunk_tokens
 }

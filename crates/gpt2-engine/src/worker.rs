@@ -30,11 +30,15 @@ pub struct EngineConfig {
     /// Each request reserves what its sequences can grow to at admission; one that can never fit
     /// is refused with a field error, one that cannot fit now waits (within its deadline).
     pub kv_budget_bytes: usize,
-    /// Prompt tokens prefilled between two decode steps (default 64). A longer prompt is
-    /// prefilled in chunks of this size while other requests decode (chunks of any size compute
-    /// exactly the bits of a one-shot prefill), so the running streams wait at most one chunk's
-    /// worth of work for it; while none decodes, chunks are at least 256 tokens.
+    /// Most prompt tokens prefilled in one decode step's pass while other requests decode
+    /// (default 64). Below this cap the chunks are sized by measurement, so that each adds at
+    /// most half a step's time to the running streams' step (chunks of any size compute exactly
+    /// the bits of a one-shot prefill); while none decodes, chunks are at least 256 tokens.
     pub prefill_chunk_tokens: usize,
+    /// How much one prompt chunk may lengthen the running streams' decode step, in percent of
+    /// the step's own time (default 50): the chunks are sized by measurement to stay within it.
+    /// Larger values prefill long prompts sooner and make the running streams' gaps longer.
+    pub max_prefill_stall_percent: u32,
     /// Most sequence rows (sequences or beams) in one decode step (default 48: the knee past which
     /// a 124M step is compute-bound and more rows lower throughput, measured in
     /// docs/performance.md). A request whose rows would go beyond waits, in arrival order, until
@@ -49,6 +53,7 @@ impl Default for EngineConfig {
             deadline: Duration::from_secs(60),
             kv_budget_bytes: usize::MAX,
             prefill_chunk_tokens: 64,
+            max_prefill_stall_percent: 50,
             max_batch_rows: 48,
         }
     }

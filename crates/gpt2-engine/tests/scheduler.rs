@@ -56,13 +56,14 @@ async fn a_long_prompt_is_prefilled_between_the_steps_of_running_streams() {
         next_event(&mut waiting).await,
         Some(Ok(GenerationEvent::Token(_)))
     ));
-    // The running stream waited for one 64-token chunk at a time, not for the whole prompt.
+    // The running stream waited for one chunk of at most 64 tokens at a time (sized below that
+    // cap by measurement), not for the whole prompt.
     let stall = engine
         .stats()
         .max_prefill_stall_tokens
         .load(Ordering::Relaxed);
     assert!(
-        stall == 64,
+        (1..=64).contains(&stall),
         "the running stream waited for {stall} prompt tokens at once ({prompt_tokens} in all)"
     );
     // And it is still decoding.
