@@ -7,8 +7,8 @@
 //! chunk is (its attention grows), so the sizer measures it: it keeps moving averages of a plain
 //! step's time and of the time a chunk token adds to a step, and sizes the next chunk so that it
 //! adds at most a given share of a step ([`DEFAULT_STALL_SHARE`] unless configured). Chunks start
-//! small and at most double from one to the next, so that a wrong estimate costs one short stall,
-//! never a long one.
+//! small and grow to at most twice the largest run so far, so that a wrong early estimate costs
+//! one short stall, never a long one.
 
 use std::time::Duration;
 
@@ -33,8 +33,9 @@ pub(crate) struct ChunkSizer {
     step_secs: Option<f64>,
     /// Moving average of the seconds one chunk token adds to a step.
     token_secs: Option<f64>,
-    /// The last chunk run beside a step.
-    last_chunk: usize,
+    /// The largest chunk run beside a step so far: the next may be at most twice as large. (The
+    /// last one could be a prompt's short remainder, which says nothing about what fits.)
+    largest_chunk: usize,
 }
 
 impl ChunkSizer {
@@ -50,7 +51,7 @@ impl ChunkSizer {
             },
             step_secs: None,
             token_secs: None,
-            last_chunk: 0,
+            largest_chunk: 0,
         }
     }
 
@@ -65,9 +66,9 @@ impl ChunkSizer {
             (Some(_), Some(_)) => usize::MAX,
             _ => FIRST_CHUNK,
         };
-        let growth = match self.last_chunk {
+        let growth = match self.largest_chunk {
             0 => FIRST_CHUNK,
-            last => last.saturating_mul(2),
+            largest => largest.saturating_mul(2),
         };
         measured.min(growth).clamp(1, self.cap)
     }
@@ -80,7 +81,7 @@ impl ChunkSizer {
             self.step_secs = Some(average(self.step_secs, secs));
             return;
         }
-        self.last_chunk = chunk_tokens;
+        self.largest_chunk = self.largest_chunk.max(chunk_tokens);
         // Without a plain step to compare with, the whole step is charged to the chunk.
         let extra = (secs - self.step_secs.unwrap_or(0.0)).max(0.0);
         self.token_secs = Some(average(self.token_secs, extra / chunk_tokens as f64));
@@ -160,5 +161,17 @@ mod tests {
         }
         // 2 × 12 ms of room at 0.5 ms a token.
         assert_eq!(sizer.next_chunk(), 48);
+    }
+
+    #[test]
+    fn a_short_remainder_does_not_shrink_the_next_chunks() {
+        let mut sizer = ChunkSizer::new(64, DEFAULT_STALL_SHARE);
+        sizer.record_step(0, ms(40.0));
+        for chunk in [4, 8, 16] {
+            sizer.record_step(chunk, ms(40.0 + 0.1 * chunk as f64));
+        }
+        // A prompt's last token alone, then a new prompt.
+        sizer.record_step(1, ms(40.1));
+        assert_eq!(sizer.next_chunk(), 32);
     }
 }
