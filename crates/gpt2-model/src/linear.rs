@@ -56,7 +56,7 @@ enum Weight {
 }
 
 /// A dense layer: GPT-2's `Conv1D` (whose checkpoint layout is `(in, out)`) or the LM head. The
-/// weight is kept `(out, in)`, so that each output's weights are contiguous.
+/// weight is kept in the layout its format's kernel reads (see `Weight`).
 #[derive(Debug, Clone)]
 pub(crate) struct Conv1D {
     weight: Weight,

@@ -620,24 +620,13 @@ impl CustomOp2 for Bf16Linear<'_> {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        if k != self.0.k || b_layout.shape().dims1()? != self.0.n {
-            candle_core::bail!(
-                "bf16-linear: input {:?} for a ({}, {}) matrix",
-                x_layout.shape(),
-                self.0.n,
-                self.0.k
-            );
-        }
-        let (Some((xs, xe)), Some((bs, be))) =
-            (x_layout.contiguous_offsets(), b_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("bf16-linear needs contiguous inputs");
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(b)) = (x, b) else {
-            candle_core::bail!("bf16-linear is f32 only");
-        };
-        let y = self.0.matmul(&x[xs..xe], rows, &b[bs..be]);
+        let (x, rows, b) = super::held_weight_inputs(
+            "bf16-linear",
+            (self.0.n, self.0.k),
+            (x, x_layout),
+            (b, b_layout),
+        )?;
+        let y = self.0.matmul(x, rows, b);
         Ok((CpuStorage::F32(y), Shape::from((rows, self.0.n))))
     }
 }

@@ -107,6 +107,34 @@ pub(crate) fn linear_inputs<'a>(
     Ok((&x[xs..xe], rows, &w[ws..we], n, k, &b[bs..be]))
 }
 
+/// The f32 slices of `(x, b)` for an op whose `(n, k)` weight it holds itself (bf16, q8_0,
+/// prepacked f32): `(x, rows, b)` for `x` `(rows, k)` and `b` `(n)`, both contiguous, after
+/// checking their shapes. `name` prefixes errors.
+pub(crate) fn held_weight_inputs<'a>(
+    name: &str,
+    (n, k): (usize, usize),
+    (x, x_layout): (&'a CpuStorage, &Layout),
+    (b, b_layout): (&'a CpuStorage, &Layout),
+) -> candle_core::Result<(&'a [f32], usize, &'a [f32])> {
+    let (rows, x_k) = x_layout.shape().dims2()?;
+    if x_k != k || b_layout.shape().dims1()? != n {
+        candle_core::bail!(
+            "{name}: input {:?} and bias {:?} for a ({n}, {k}) matrix",
+            x_layout.shape(),
+            b_layout.shape()
+        );
+    }
+    let (Some((xs, xe)), Some((bs, be))) =
+        (x_layout.contiguous_offsets(), b_layout.contiguous_offsets())
+    else {
+        candle_core::bail!("{name} needs contiguous inputs");
+    };
+    let (CpuStorage::F32(x), CpuStorage::F32(b)) = (x, b) else {
+        candle_core::bail!("{name} is f32 only");
+    };
+    Ok((&x[xs..xe], rows, &b[bs..be]))
+}
+
 /// What [`linear_inputs`] returns.
 pub(crate) type LinearInputs<'a> = (&'a [f32], usize, &'a [f32], usize, usize, &'a [f32]);
 

@@ -123,24 +123,10 @@ impl CustomOp2 for PanelLinear<'_> {
         b: &CpuStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (rows, k) = x_layout.shape().dims2()?;
-        let (n, wk) = self.0.shape();
-        if k != wk || b_layout.shape().dims1()? != n {
-            candle_core::bail!(
-                "f32-panel-linear: input {:?} and bias {:?} for a ({n}, {wk}) matrix",
-                x_layout.shape(),
-                b_layout.shape()
-            );
-        }
-        let (Some((xs, xe)), Some((bs, be))) =
-            (x_layout.contiguous_offsets(), b_layout.contiguous_offsets())
-        else {
-            candle_core::bail!("f32-panel-linear needs contiguous inputs");
-        };
-        let (CpuStorage::F32(x), CpuStorage::F32(b)) = (x, b) else {
-            candle_core::bail!("f32-panel-linear is f32 only");
-        };
-        let y = self.0.matmul(&x[xs..xe], rows, &b[bs..be]);
+        let (n, k) = self.0.shape();
+        let (x, rows, b) =
+            super::held_weight_inputs("f32-panel-linear", (n, k), (x, x_layout), (b, b_layout))?;
+        let y = self.0.matmul(x, rows, b);
         Ok((CpuStorage::F32(y), Shape::from((rows, n))))
     }
 }
