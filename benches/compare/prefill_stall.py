@@ -8,6 +8,7 @@ prompt is prefilled, and prints, per setting: the normal p50 and p99 gap, the p9
 gap during the prefill, and their ratio to the normal p99 (the goal: ≤ 2).
 
     python3 benches/compare/prefill_stall.py --model-dir DIR [--chunks 64,8192] [--runs 3] [--stall-percent 50]
+        [--dtype f32|bf16|q8_0] [--kv-dtype f32|f16]
 
 --stall-percent is the server's --max-prefill-stall-percent: how much one chunk may lengthen a
 decode step (the chunks are sized by measurement below the --prefill-chunk-tokens cap).
@@ -61,6 +62,7 @@ def start_server(args, chunk: int):
     port = free_port()
     cmd = [str(args.server_bin), "--model", str(args.model_dir), "--host", "127.0.0.1",
            "--port", str(port), "--log-format", "json", "--dtype", args.dtype,
+           "--kv-dtype", args.kv_dtype,
            "--prefill-chunk-tokens", str(chunk),
            "--max-prefill-stall-percent", str(args.stall_percent)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(args.threads))
@@ -145,6 +147,7 @@ def main():
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--kv-dtype", default="f32", help="the server's --kv-dtype (f32 or f16)")
     ap.add_argument("--stall-percent", type=int, default=50,
                     help="--max-prefill-stall-percent of the server (how much a chunk may add to a step)")
     args = ap.parse_args()
@@ -153,6 +156,7 @@ def main():
     long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] *
                            max(1, args.prompt_tokens // 10))
     print(f"CPU: {cpu_model()}; {args.threads} threads; dtype {args.dtype}; "
+          f"kv-dtype {args.kv_dtype}; "
           f"long prompt ~{args.prompt_tokens} tokens; "
           f"--max-prefill-stall-percent {args.stall_percent}", flush=True)
     rows = []
