@@ -8,7 +8,8 @@
 //! step's time and of the time a chunk token adds to a step, and sizes the next chunk so that it
 //! adds at most a given share of a step ([`DEFAULT_STALL_SHARE`] unless configured). Chunks start
 //! small and grow to at most twice the largest run so far, so that a wrong early estimate costs
-//! one short stall, never a long one.
+//! one short stall, never a long one; until both averages exist (a burst of prompts can keep
+//! every step busy with a chunk before any plain step was timed), that growth alone sets them.
 
 use std::time::Duration;
 
@@ -40,7 +41,8 @@ pub(crate) struct ChunkSizer {
 
 impl ChunkSizer {
     /// A sizer whose chunks never exceed `cap` tokens (at least 1) and aim to add at most `share`
-    /// of a step's time (a share that is not a positive number counts as the default).
+    /// of a step's time (a share that is not a positive number counts as the default; the
+    /// engine passes at least 1%).
     pub(crate) fn new(cap: usize, share: f64) -> Self {
         Self {
             cap: cap.max(1),
@@ -63,8 +65,8 @@ impl ChunkSizer {
                 // from rounding down.
                 (self.share * step / token + 1e-6) as usize
             }
-            (Some(_), Some(_)) => usize::MAX,
-            _ => FIRST_CHUNK,
+            // Tokens that seem free, or nothing measured yet: the growth bound decides.
+            _ => usize::MAX,
         };
         let growth = match self.largest_chunk {
             0 => FIRST_CHUNK,
@@ -82,9 +84,11 @@ impl ChunkSizer {
             return;
         }
         self.largest_chunk = self.largest_chunk.max(chunk_tokens);
-        // Without a plain step to compare with, the whole step is charged to the chunk.
-        let extra = (secs - self.step_secs.unwrap_or(0.0)).max(0.0);
-        self.token_secs = Some(average(self.token_secs, extra / chunk_tokens as f64));
+        // Without a plain step to compare with, what the chunk added is unknown.
+        if let Some(step) = self.step_secs {
+            let extra = (secs - step).max(0.0);
+            self.token_secs = Some(average(self.token_secs, extra / chunk_tokens as f64));
+        }
     }
 }
 
@@ -173,5 +177,22 @@ mod tests {
         // A prompt's last token alone, then a new prompt.
         sizer.record_step(1, ms(40.1));
         assert_eq!(sizer.next_chunk(), 32);
+    }
+
+    #[test]
+    fn before_any_plain_step_the_chunks_double_instead_of_sticking_at_the_first_size() {
+        // A burst of prompts: every step carries a chunk, so no plain step was ever timed.
+        let mut sizer = ChunkSizer::new(64, DEFAULT_STALL_SHARE);
+        let mut sizes = Vec::new();
+        for _ in 0..5 {
+            let chunk = sizer.next_chunk();
+            sizes.push(chunk);
+            sizer.record_step(chunk, ms(30.0));
+        }
+        assert_eq!(sizes, [4, 8, 16, 32, 64]);
+        // Once a plain step is timed, what a token adds is measured from then on.
+        sizer.record_step(0, ms(10.0));
+        sizer.record_step(64, ms(10.0 + 0.5 * 64.0));
+        assert_eq!(sizer.next_chunk(), 10);
     }
 }

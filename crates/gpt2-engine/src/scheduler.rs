@@ -3,10 +3,11 @@
 //! Each round runs one decode step over the pending tokens of every running request, so each
 //! weight is read once per step for all of them. While requests decode, the prompt being
 //! prefilled runs one chunk inside that step's pass (`Gpt2Model::forward_mixed`), sized by
-//! measurement so that it adds at most `max_prefill_stall_percent` (50 by default) of a step's time
-//! ([`ChunkSizer`]) and never more than `prefill_chunk_tokens`. While nothing decodes, prompts are prefilled on their own in chunks of
-//! at least 256 tokens, a few short ones per round. Requests join the batch in arrival order while
-//! their rows fit under `max_batch_rows`; finished ones leave at once.
+//! measurement so that it adds at most `max_prefill_stall_percent` (50 by default) of a step's
+//! time ([`ChunkSizer`]) and never more than `prefill_chunk_tokens`. While nothing decodes,
+//! prompts are prefilled on their own in chunks of at least 256 tokens, a few short ones per
+//! round. Requests join the batch in arrival order while their rows fit under `max_batch_rows`;
+//! finished ones leave at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -39,7 +40,7 @@ impl Schedule {
     pub(crate) fn from_config(config: &EngineConfig) -> Self {
         Self {
             prefill_chunk_tokens: config.prefill_chunk_tokens.max(1),
-            max_prefill_stall: f64::from(config.max_prefill_stall_percent) / 100.0,
+            max_prefill_stall: f64::from(config.max_prefill_stall_percent.max(1)) / 100.0,
             max_batch_rows: config.max_batch_rows.max(1),
         }
     }

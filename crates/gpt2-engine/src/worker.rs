@@ -32,11 +32,13 @@ pub struct EngineConfig {
     pub kv_budget_bytes: usize,
     /// Most prompt tokens prefilled in one decode step's pass while other requests decode
     /// (default 64). Below this cap the chunks are sized by measurement, so that each adds at
-    /// most half a step's time to the running streams' step (chunks of any size compute exactly
-    /// the bits of a one-shot prefill); while none decodes, chunks are at least 256 tokens.
+    /// most [`Self::max_prefill_stall_percent`] of a step's time to the running streams' step
+    /// (chunks of any size compute exactly the bits of a one-shot prefill); while none decodes,
+    /// chunks are at least 256 tokens.
     pub prefill_chunk_tokens: usize,
     /// How much one prompt chunk may lengthen the running streams' decode step, in percent of
-    /// the step's own time (default 50): the chunks are sized by measurement to stay within it.
+    /// the step's own time (default 50, at least 1): the chunks are sized by measurement to stay
+    /// within it.
     /// Larger values prefill long prompts sooner and make the running streams' gaps longer.
     pub max_prefill_stall_percent: u32,
     /// Most sequence rows (sequences or beams) in one decode step (default 48: the knee past which

@@ -24,9 +24,10 @@
 //!   task, the `NR`-column panel it works on (`panel[kk · NR + j]`, zero past `n`), with 16 × 16
 //!   (AVX-512) or 8 × 8 (AVX2) register transposes into a per-thread buffer; the blocks' weights
 //!   were packed at load in panels of 32 (`PANEL`), which the 16-column AVX2 and portable tiles
-//!   read in halves (row stride 32). A one-row decode step through prepacked panels streams the
-//!   weights as fast as the dot-product kernel did (27.7 against 28.4 GB/s), and more rows are
-//!   cheaper (5 rows 28.1 against 26.1, 16 rows 17.5 against 16.0, 32 rows 11.1 against 9.4;
+//!   read in halves (row stride 32). With up to 6 rows (a decode step) the AVX-512 tile reads
+//!   two panels side by side. A one-row step through the prepacked panels streams the weights as
+//!   fast as the dot-product kernel did (28.3 against 28.0 GB/s), and more rows are cheaper
+//!   (5 rows 28.5 against 25.6, 16 rows 19.2 against 16.9, 32 rows 11.8 against 9.7;
 //!   `panel_f32_decode_throughput`, 2-vCPU EPYC).
 //! - The register tile keeps its `MR × NR` accumulators over all of `k` (no k-blocking: that is
 //!   what keeps each output a single chain; a 32-column panel of GPT-2 xl's `k` = 6400 is 800 KB
