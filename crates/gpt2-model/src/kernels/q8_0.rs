@@ -945,6 +945,46 @@ mod tests {
         }
     }
 
+    /// `cargo test --release -p gpt2-model --lib q8_0_decode_throughput -- --ignored --nocapture`
+    ///
+    /// A decode step's layer shapes (GPT-2 small's four, 12 layers' worth of copies so that the
+    /// weights come from memory as in a step); GB/s of weights and scales read, median of 15.
+    #[test]
+    #[ignore = "a timing, not a check"]
+    fn q8_0_decode_throughput() {
+        let shapes = [(2304usize, 768usize), (768, 768), (3072, 768), (768, 3072)];
+        let mut seed = 1u32;
+        let mut weights = Vec::new();
+        for _ in 0..12 {
+            for &(n, k) in &shapes {
+                let w = values(&mut seed, n * k, 0.5);
+                weights.push((Q8Matrix::quantize(&w, n, k), values(&mut seed, n, 0.5)));
+            }
+        }
+        let bytes: usize = weights
+            .iter()
+            .map(|(q, _)| q.quants.len() + 2 * q.scales.len())
+            .sum();
+        for rows in [1usize, 3, 5, 16] {
+            let x = values(&mut seed, rows * 3072, 0.5);
+            let mut times = Vec::new();
+            for _ in 0..15 {
+                let t = std::time::Instant::now();
+                for (q, b) in &weights {
+                    std::hint::black_box(q.matmul(&x[..rows * q.k], rows, b));
+                }
+                times.push(t.elapsed().as_secs_f64());
+            }
+            times.sort_by(f64::total_cmp);
+            let median = times[times.len() / 2];
+            println!(
+                "{rows:>2} rows: {:.2} ms ({:.1} GB/s)",
+                median * 1e3,
+                bytes as f64 / median / 1e9
+            );
+        }
+    }
+
     #[test]
     fn every_instruction_set_quantizes_activations_alike_with_ties_away_from_zero() {
         let mut seed = 3u32;
