@@ -44,10 +44,11 @@ impl std::str::FromStr for WeightFormat {
 /// How a linear layer's weight is stored.
 #[derive(Debug, Clone)]
 enum Weight {
-    /// f32, `(out, in)`, in huge-page-backed memory: the tied LM head (the token embeddings).
+    /// f32, `(out, in)`, in huge-page-backed memory: an LM head loaded for conversion to q8_0
+    /// or bf16 that stays f32 (an input width that is not a whole number of q8_0 blocks, or odd).
     Dense(Tensor),
-    /// f32 in the GEMM's panels: the blocks' layers, whose decode steps and prefill chunks run
-    /// the same kernel.
+    /// f32 in the GEMM's panels: the blocks' layers and the f32 LM head (tied or not), whose
+    /// decode steps and prefill chunks run the same kernel.
     Panels(std::sync::Arc<PanelMatrix>),
     /// ggml's q8_0 scheme (blocks of 32 int8 with an f16-rounded scale), `(out, in)`.
     Q8(std::sync::Arc<Q8Matrix>),
@@ -206,6 +207,14 @@ impl Conv1D {
         Ok(true)
     }
 
+    /// A layer over existing f32 panels, e.g. the LM head tied to `wte`.
+    pub(crate) fn panels(weight: std::sync::Arc<PanelMatrix>, bias: Tensor) -> Self {
+        Self {
+            weight: Weight::Panels(weight),
+            bias,
+        }
+    }
+
     /// A layer over an existing bf16 weight, e.g. the LM head tied to `wte`.
     pub(crate) fn bf16(weight: std::sync::Arc<Bf16Matrix>, bias: Tensor) -> Self {
         Self {
@@ -236,9 +245,8 @@ pub(crate) fn dense_bf16(w: &Tensor) -> candle_core::Result<Option<Bf16Matrix>> 
     }))
 }
 
-/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`, for a prefill of the dense LM head
-/// (the tied token embeddings, kept `(out, in)` for the lookups): our GEMM, packing the weights
-/// at each call, whose rows never depend on the rows beside them.
+/// `xs · wᵀ + bias` for `xs`: `(rows, in)`, `w`: `(out, in)`, for a prefill of a dense LM head:
+/// our GEMM, packing the weights at each call, whose rows never depend on the rows beside them.
 fn linear(xs: &Tensor, w: &Tensor, bias: &Tensor) -> candle_core::Result<Tensor> {
     if matches!(xs.device(), Device::Cpu) && xs.dtype() == DType::F32 {
         xs.contiguous()?.apply_op3_no_bwd(w, bias, &PrefillGemm)

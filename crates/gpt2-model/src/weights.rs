@@ -330,6 +330,25 @@ impl NamedTensors {
         )
     }
 
+    /// [`Self::take_panels`] for an `(out, in)` matrix (the token embeddings, an untied LM head).
+    pub(crate) fn take_panels_out_in(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<crate::kernels::panel_f32::PanelMatrix, ModelError> {
+        use crate::kernels::panel_f32::PanelMatrix;
+        let (n_out, n_in) = (shape[0], shape[1]);
+        self.take_with(
+            name,
+            shape,
+            |data, _| Ok(PanelMatrix::from_out_in(data, n_out, n_in)),
+            |tensor| {
+                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
+                Ok(PanelMatrix::from_out_in(&data, n_out, n_in))
+            },
+        )
+    }
+
     /// Takes the 2-D tensor `name` of shape `shape` (even columns for [`bf16::Source::OutIn`],
     /// even rows for [`bf16::Source::InOut`]) packed as bf16, converting from the mapping without
     /// an f32 copy of the whole model.

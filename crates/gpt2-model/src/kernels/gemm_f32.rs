@@ -20,7 +20,7 @@
 //! How:
 //!
 //! - `x` is packed once per call into panels of `MR` rows, k-major (`panel[kk · MR + i]`), zero
-//!   past the last row. Weights stored `(n, k)` (the tied LM head) are packed by each parallel
+//!   past the last row. Weights stored `(n, k)` (an f32 LM head in a q8_0 or bf16 model) are packed by each parallel
 //!   task, the `NR`-column panel it works on (`panel[kk · NR + j]`, zero past `n`), with 16 × 16
 //!   (AVX-512) or 8 × 8 (AVX2) register transposes into a per-thread buffer; the blocks' weights
 //!   were packed at load in panels of 32 (`PANEL`), which the 16-column AVX2 and portable tiles

@@ -1,6 +1,6 @@
-//! The decode-step matmul of the tied f32 LM head: a few activation rows times a weight matrix
-//! stored `(out, in)` (the token embeddings, whose rows the lookups read; the blocks' f32 layers
-//! run the GEMM over prepacked panels instead, `panel_f32.rs`).
+//! The decode-step matmul of an f32 weight matrix stored `(out, in)`: an LM head that a q8_0 or
+//! bf16 model keeps in f32 because its shape does not fit that format (f32 models store every
+//! layer and the LM head in the GEMM's panels instead, `panel_f32.rs`).
 //!
 //! During decoding each sequence contributes one row, so a step multiplies a handful of rows by
 //! every weight matrix. gemm is shaped for large M and reaches a fraction of memory bandwidth

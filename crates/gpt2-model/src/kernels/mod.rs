@@ -3,9 +3,9 @@
 //!
 //! | file | what |
 //! | --- | --- |
-//! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` (the tied LM head) |
+//! | `matmul_f32.rs` | a few activation rows times an f32 weight matrix `(out, in)` (an LM head kept in f32 by a q8_0 or bf16 model) |
 //! | `gemm_f32.rs` | activation rows times an f32 weight matrix, packed panels, any row count |
-//! | `panel_f32.rs` | f32 weights stored in the GEMM's panels: one kernel for every row count |
+//! | `panel_f32.rs` | f32 weights (layers and LM head) stored in the GEMM's panels: one kernel for every row count |
 //! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
 //! | `bf16.rs` | bf16 weights and their matmul (`vdpbf16ps`, or widening and FMA) |
 //! | `attention.rs` | one query per head over its cached keys and values (a decode step) |
