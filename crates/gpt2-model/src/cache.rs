@@ -75,6 +75,10 @@ pub(crate) trait KvElement: Copy + Default + Send + Sync {
 
     /// The slice itself when it already holds f32 (so a kernel reads it without a copy).
     fn as_f32_slice(values: &[Self]) -> Option<&[f32]>;
+
+    /// `len` zeros from a zeroed allocation (`calloc`), whose pages the kernel faults in as they
+    /// are first written instead of all at once.
+    fn zeroed(len: usize) -> Vec<Self>;
 }
 
 impl KvElement for f32 {
@@ -88,6 +92,10 @@ impl KvElement for f32 {
     fn as_f32_slice(values: &[Self]) -> Option<&[f32]> {
         Some(values)
     }
+
+    fn zeroed(len: usize) -> Vec<Self> {
+        vec![0.0; len]
+    }
 }
 
 impl KvElement for f16 {
@@ -100,6 +108,11 @@ impl KvElement for f16 {
 
     fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+
+    fn zeroed(len: usize) -> Vec<Self> {
+        // `vec![f16::ZERO; n]` writes every value; zero bits are f16's +0.
+        half::vec::HalfBitsVecExt::reinterpret_into(vec![0u16; len])
     }
 }
 
@@ -133,11 +146,11 @@ impl KvBuffer {
     /// is allocated zeroed (`calloc`), whose fresh pages the kernel faults in as positions are
     /// written: zeroing a 1,000-token prompt's 74 MB f32 cache in its first chunk held a running
     /// stream's step for about 40 ms (`prefill_stall.py`'s longest gap, f32: 56–73 ms → 37 ms,
-    /// 2-vCPU EPYC). f16 has no zeroed allocation in std, so its values are written.
+    /// 2-vCPU EPYC); f16 buffers are allocated as zeroed 16-bit words.
     fn resize(&mut self, len: usize) {
         with_buffer!(self, values => {
             if values.is_empty() {
-                *values = vec![Default::default(); len];
+                *values = KvElement::zeroed(len);
             } else {
                 values.resize(len, Default::default());
             }
@@ -289,7 +302,7 @@ impl KvCache {
             for layer in &mut self.layers {
                 for buffer in [&mut layer.k, &mut layer.v] {
                     with_buffer!(buffer, values => {
-                        let mut grown = vec![Default::default(); new_len];
+                        let mut grown = KvElement::zeroed(new_len);
                         for block in 0..blocks {
                             let from = block * old_capacity * head_dim;
                             let to = block * new_capacity * head_dim;
@@ -432,6 +445,16 @@ impl KvCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zeroed_buffers_hold_zeros_of_either_format() {
+        assert!(<f32 as KvElement>::zeroed(5)
+            .iter()
+            .all(|&v| v.to_bits() == 0));
+        let halves = <f16 as KvElement>::zeroed(7);
+        assert_eq!(halves.len(), 7);
+        assert!(halves.iter().all(|&v| v.to_bits() == 0));
+    }
 
     /// A cache of `rows` rows whose every used value encodes (layer, kind, row, head, position,
     /// lane) as a small integer, exact in f16 too.
