@@ -319,15 +319,9 @@ impl NamedTensors {
     ) -> Result<crate::kernels::panel_f32::PanelMatrix, ModelError> {
         use crate::kernels::panel_f32::PanelMatrix;
         let (n_in, n_out) = (shape[0], shape[1]);
-        self.take_with(
-            name,
-            shape,
-            |data, _| Ok(PanelMatrix::from_in_out(data, n_in, n_out)),
-            |tensor| {
-                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
-                Ok(PanelMatrix::from_in_out(&data, n_in, n_out))
-            },
-        )
+        self.take_built(name, shape, |data| {
+            PanelMatrix::from_in_out(data, n_in, n_out)
+        })
     }
 
     /// [`Self::take_panels`] for an `(out, in)` matrix (the token embeddings, an untied LM head).
@@ -338,15 +332,9 @@ impl NamedTensors {
     ) -> Result<crate::kernels::panel_f32::PanelMatrix, ModelError> {
         use crate::kernels::panel_f32::PanelMatrix;
         let (n_out, n_in) = (shape[0], shape[1]);
-        self.take_with(
-            name,
-            shape,
-            |data, _| Ok(PanelMatrix::from_out_in(data, n_out, n_in)),
-            |tensor| {
-                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
-                Ok(PanelMatrix::from_out_in(&data, n_out, n_in))
-            },
-        )
+        self.take_built(name, shape, |data| {
+            PanelMatrix::from_out_in(data, n_out, n_in)
+        })
     }
 
     /// Takes the 2-D tensor `name` of shape `shape` (even columns for [`bf16::Source::OutIn`],
@@ -362,14 +350,22 @@ impl NamedTensors {
             bf16::Source::OutIn => (shape[0], shape[1]),
             bf16::Source::InOut => (shape[1], shape[0]),
         };
+        self.take_built(name, shape, |data| Bf16Matrix::pack(data, n, k, layout))
+    }
+
+    /// Takes the tensor `name` of shape `shape` through `build`, which reads its f32 values
+    /// row-major: straight from the mapping, or from a copy of a tensor loaded otherwise.
+    fn take_built<T>(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        build: impl Fn(&[f32]) -> T,
+    ) -> Result<T, ModelError> {
         self.take_with(
             name,
             shape,
-            |data, _| Ok(Bf16Matrix::pack(data, n, k, layout)),
-            |tensor| {
-                let data = tensor.flatten_all()?.to_vec1::<f32>()?;
-                Ok(Bf16Matrix::pack(&data, n, k, layout))
-            },
+            |data, _| Ok(build(data)),
+            |tensor| Ok(build(&tensor.flatten_all()?.to_vec1::<f32>()?)),
         )
     }
 
@@ -392,16 +388,7 @@ impl NamedTensors {
             }
             Q8Matrix::quantize(&out_in, n_out, n_in)
         };
-        self.take_with(
-            name,
-            shape,
-            |data, _| Ok(quantize_transposed(data)),
-            |tensor| {
-                Ok(quantize_transposed(
-                    &tensor.flatten_all()?.to_vec1::<f32>()?,
-                ))
-            },
-        )
+        self.take_built(name, shape, quantize_transposed)
     }
 
     fn take_with<T>(
