@@ -21,6 +21,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::write_lanes;
 use super::{by_column_ranges, Isa};
 
 /// Outputs interleaved in one packed vector (its 32-bit lanes).
@@ -345,37 +347,6 @@ fn tile_portable(
                 acc += widen(w as u16) * widen(x as u16);
             }
             tile[r * width + column - start] = acc + bias;
-        }
-    }
-}
-
-/// Which outputs of a tile a group of 16 lanes writes, with the bias added.
-#[inline(always)]
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-#[allow(clippy::too_many_arguments)]
-fn write_lanes(
-    lanes: &[f32; LANES],
-    first: usize,
-    row: usize,
-    start: usize,
-    bias: &[f32],
-    tile: &mut [f32],
-    width: usize,
-) {
-    let end = start + bias.len();
-    if first >= start && first + LANES <= end {
-        // The whole group: one vector add and store where the caller's features allow (lane by
-        // lane with bounds checks, the stores were 9% of a 512-row prefill tile's samples).
-        let out = &mut tile[row * width + first - start..][..LANES];
-        for ((out, value), bias) in out.iter_mut().zip(lanes).zip(&bias[first - start..]) {
-            *out = value + bias;
-        }
-        return;
-    }
-    for (lane, value) in lanes.iter().enumerate() {
-        let column = first + lane;
-        if column >= start && column < end {
-            tile[row * width + column - start] = value + bias[column - start];
         }
     }
 }

@@ -75,6 +75,39 @@ pub(crate) fn by_column_ranges(
     y
 }
 
+/// Writes the outputs of a tile that a group of 16 lanes (outputs `first..first + 16`) holds for
+/// `row`, with the bias added: a tile covers outputs `start..start + bias.len()`, row stride
+/// `width`. Shared by the bf16 and q8_0 tile bodies.
+#[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_lanes(
+    lanes: &[f32; 16],
+    first: usize,
+    row: usize,
+    start: usize,
+    bias: &[f32],
+    tile: &mut [f32],
+    width: usize,
+) {
+    let end = start + bias.len();
+    if first >= start && first + 16 <= end {
+        // The whole group: one vector add and store where the caller's features allow (lane by
+        // lane with bounds checks, the stores were 9% of a 512-row prefill tile's samples).
+        let out = &mut tile[row * width + first - start..][..16];
+        for ((out, value), bias) in out.iter_mut().zip(lanes).zip(&bias[first - start..]) {
+            *out = value + bias;
+        }
+        return;
+    }
+    for (lane, value) in lanes.iter().enumerate() {
+        let column = first + lane;
+        if column >= start && column < end {
+            tile[row * width + column - start] = value + bias[column - start];
+        }
+    }
+}
+
 /// The f32 slices of a linear op's `(x, w, b)`, after checking their shapes: `(x, rows, w, n, k,
 /// b)` for `x` `(rows, k)`, `w` `(n, k)` and `b` `(n)`, all contiguous. `name` prefixes errors.
 pub(crate) fn linear_inputs<'a>(

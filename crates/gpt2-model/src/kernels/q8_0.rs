@@ -14,6 +14,8 @@
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::write_lanes;
 use super::{by_column_ranges, Isa};
 
 /// Values per block sharing one scale.
@@ -477,14 +479,14 @@ fn tile_avx512(
         while r < a.rows {
             let take = (a.rows - r).min(4);
             let done = match (pair, take) {
-                (true, 4) => store::<4, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, 3) => store::<3, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, 2) => store::<2, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, _) => store::<1, 2>(m, a, group, r, start, end, bias, tile, width),
-                (false, 4) => store::<4, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, 3) => store::<3, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, 2) => store::<2, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, _) => store::<1, 1>(m, a, group, r, start, end, bias, tile, width),
+                (true, 4) => store::<4, 2>(m, a, group, r, start, bias, tile, width),
+                (true, 3) => store::<3, 2>(m, a, group, r, start, bias, tile, width),
+                (true, 2) => store::<2, 2>(m, a, group, r, start, bias, tile, width),
+                (true, _) => store::<1, 2>(m, a, group, r, start, bias, tile, width),
+                (false, 4) => store::<4, 1>(m, a, group, r, start, bias, tile, width),
+                (false, 3) => store::<3, 1>(m, a, group, r, start, bias, tile, width),
+                (false, 2) => store::<2, 1>(m, a, group, r, start, bias, tile, width),
+                (false, _) => store::<1, 1>(m, a, group, r, start, bias, tile, width),
             };
             r += done;
         }
@@ -493,7 +495,7 @@ fn tile_avx512(
 }
 
 /// Computes rows `r..r + RG` for the `CG` groups of outputs from `group`, and writes those inside
-/// `start..end` into `tile`; returns `RG`. Panics unless those groups and rows exist.
+/// `start..start + bias.len()` into `tile`; returns `RG`. Panics unless those groups and rows exist.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
@@ -503,7 +505,6 @@ fn store<const RG: usize, const CG: usize>(
     group: usize,
     r: usize,
     start: usize,
-    end: usize,
     bias: &[f32],
     tile: &mut [f32],
     width: usize,
@@ -578,12 +579,7 @@ fn store<const RG: usize, const CG: usize>(
             // SAFETY: `lanes` has room for the 16 floats stored.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *acc) };
             let first = (group + c) * LANES;
-            for (lane, value) in lanes.iter().enumerate() {
-                let column = first + lane;
-                if column >= start && column < end {
-                    tile[(r + row) * width + column - start] = value + bias[column - start];
-                }
-            }
+            write_lanes(&lanes, first, r + row, start, bias, tile, width);
         }
     }
     RG
@@ -614,14 +610,14 @@ fn tile_avx2(
         while r < a.rows {
             let take = (a.rows - r).min(4);
             let done = match (pair, take) {
-                (true, 4) => store_avx2::<4, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, 3) => store_avx2::<3, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, 2) => store_avx2::<2, 2>(m, a, group, r, start, end, bias, tile, width),
-                (true, _) => store_avx2::<1, 2>(m, a, group, r, start, end, bias, tile, width),
-                (false, 4) => store_avx2::<4, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, 3) => store_avx2::<3, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, 2) => store_avx2::<2, 1>(m, a, group, r, start, end, bias, tile, width),
-                (false, _) => store_avx2::<1, 1>(m, a, group, r, start, end, bias, tile, width),
+                (true, 4) => store_avx2::<4, 2>(m, a, group, r, start, bias, tile, width),
+                (true, 3) => store_avx2::<3, 2>(m, a, group, r, start, bias, tile, width),
+                (true, 2) => store_avx2::<2, 2>(m, a, group, r, start, bias, tile, width),
+                (true, _) => store_avx2::<1, 2>(m, a, group, r, start, bias, tile, width),
+                (false, 4) => store_avx2::<4, 1>(m, a, group, r, start, bias, tile, width),
+                (false, 3) => store_avx2::<3, 1>(m, a, group, r, start, bias, tile, width),
+                (false, 2) => store_avx2::<2, 1>(m, a, group, r, start, bias, tile, width),
+                (false, _) => store_avx2::<1, 1>(m, a, group, r, start, bias, tile, width),
             };
             r += done;
         }
@@ -645,7 +641,6 @@ fn store_avx2<const RG: usize, const CG: usize>(
     group: usize,
     r: usize,
     start: usize,
-    end: usize,
     bias: &[f32],
     tile: &mut [f32],
     width: usize,
@@ -728,12 +723,7 @@ fn store_avx2<const RG: usize, const CG: usize>(
                 unsafe { _mm256_storeu_ps(lanes[8 * h..].as_mut_ptr(), *acc) };
             }
             let first = (group + c) * LANES;
-            for (lane, value) in lanes.iter().enumerate() {
-                let column = first + lane;
-                if column >= start && column < end {
-                    tile[(r + row) * width + column - start] = value + bias[column - start];
-                }
-            }
+            write_lanes(&lanes, first, r + row, start, bias, tile, width);
         }
     }
     RG
