@@ -356,7 +356,10 @@ fn tile_portable(
 /// computes rows `r..r + RG` of groups `group..group + CG` into `[[[f32; 16]; CG]; RG]`.
 /// `vdpbf16ps` runs 8 rows (16 accumulators of its 32 registers): a 512-row prefill's shapes went
 /// from 276–324 to 335–384 GFLOP/s against the probe's 447 (with [`Bf16Rows::interleaved`] and
-/// whole-vector stores); the FMA bodies stay at 4, as AVX2 has 16 registers.
+/// whole-vector stores); the FMA bodies stay at 4, as AVX2 has 16 registers. With `vdpbf16ps`, 5
+/// to 7 rows left over run as one group too: a 5-beam step ran 4 rows and then 1, whose two
+/// accumulator chains wait on their latency (bf16 beam request 1.200 → 1.062 s, 4 interleaved
+/// rounds, 2-vCPU EPYC).
 #[cfg(target_arch = "x86_64")]
 macro_rules! tile_body {
     ($name:ident, $block:ident, $features:literal, $tall:literal) => {
@@ -392,6 +395,9 @@ macro_rules! tile_body {
                     // Each arm computes `$rg` rows.
                     r += match (pair, take) {
                         (true, 8) => run!(8, 2),
+                        (true, 7) if $tall == 8 => run!(7, 2),
+                        (true, 6) if $tall == 8 => run!(6, 2),
+                        (true, 5) if $tall == 8 => run!(5, 2),
                         (true, 4..) => run!(4, 2),
                         (true, 3) => run!(3, 2),
                         (true, 2) => run!(2, 2),
@@ -732,6 +738,8 @@ mod tests {
             (1, 200, 768),
             (17, 33, 40),
             (13, 40, 64),
+            (6, 48, 64),
+            (7, 40, 32),
         ] {
             let w = values(&mut seed, n * k, 0.5);
             let x = values(&mut seed, rows * k, 2.0);
