@@ -1493,24 +1493,38 @@ def phase_disconnects(run, fig, srv, cfg):
               logged >= cfg.half_close_burst,
               f"{logged} of {cfg.half_close_burst} requests sent then shut down (SHUT_WR) at once logged")
     since = time.monotonic()
-    for i in range(q):
-        conn = Conn(srv.port, timeout=60)
-        if i == 0:
-            conn.send(invoke_bytes(long_stream))
-            kinds.append("streamed")
-        else:
-            conn.send(invoke_bytes(LONG_BEAM))
-            kinds.append("plain")
-        conns.append(conn)
-    # The streamed one has started when its first event arrives.
+    # The streamed one goes first and has started when its first event arrives. Only then do the
+    # plain ones follow: the q requests' rows (16 each) exceed --max-batch-rows (48), so the last to
+    # arrive waits for a running one to end, and a stream that lost that race to the plain requests
+    # (the server reads the connections concurrently) would send nothing until their deadline.
     first_event = None
+    conn = Conn(srv.port, timeout=60)
+    conn.send(invoke_bytes(long_stream))
+    kinds.append("streamed")
+    conns.append(conn)
     try:
-        status, headers, _ = conns[0].read_head()
-        while b"data: " not in conns[0].buf:
-            conns[0]._fill()
+        status, headers, _ = conn.read_head()
+        while b"data: " not in conn.buf:
+            conn._fill()
         first_event = status
     except (OSError, EOFError, ValueError):
         pass
+    for _ in range(q - 1):
+        conn = Conn(srv.port, timeout=60)
+        conn.send(invoke_bytes(LONG_BEAM))
+        kinds.append("plain")
+        conns.append(conn)
+    # The server reads and tokenizes connections concurrently: a probe sent at once could take the
+    # last place before the last plain request does. Probe once /metrics counts all q admitted.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        values = metrics(srv.port)
+        if values is None:  # a server without /metrics: give the plain requests a moment
+            time.sleep(0.5)
+            break
+        if values.get("gpt2_queue_depth", 0) >= q:
+            break
+        time.sleep(0.02)
     full = None
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -1519,8 +1533,10 @@ def phase_disconnects(run, fig, srv, cfg):
             full = time.monotonic()
             break
         time.sleep(0.05)
+    ended = [{k: line.get(k) for k in ("status", "error_type", "mode", "elapsed_ms") if k in line}
+             for line in srv.logs(since) if line.get("status")]
     run.check("the queue filled with long requests (503 for the next)", full is not None,
-              f"first event of the stream: {first_event}")
+              f"first event of the stream: {first_event}; requests ended meanwhile: {ended[:8]}")
     dropped = time.monotonic()
     for conn in conns:
         conn.close()
