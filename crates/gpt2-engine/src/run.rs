@@ -1,6 +1,6 @@
 use candle_core::Tensor;
 use gpt2_generation::{token_logprob, top_logprobs, Emitted, GenerationParams, Generator};
-use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError};
+use gpt2_model::{Gpt2Model, KvCache, LogitsFor, ModelError, PromptChunk};
 
 use crate::EngineError;
 
@@ -85,21 +85,43 @@ impl Prefill {
         Ok(self.take_chunk_logits(model, &logits)?)
     }
 
-    /// Runs the next chunk in one pass with a decode step of other requests' `tokens` over
-    /// `caches` ([`Gpt2Model::forward_mixed`]); returns the step's logits. Both get the bits of
-    /// separate calls.
-    pub fn run_chunk_beside(
-        &mut self,
+    /// Runs the next chunk of each of `prefills` in one pass with a decode step of other
+    /// requests' `tokens` over `caches` ([`Gpt2Model::forward_mixed`]); returns the step's
+    /// logits. Each gets the bits of its separate call. After a failed pass no cache moved.
+    pub fn run_chunks_beside(
+        prefills: &mut [&mut Prefill],
         model: &Gpt2Model,
         tokens: &[u32],
         caches: &mut [&mut KvCache],
     ) -> Result<Vec<f32>, ModelError> {
-        let Some((chunk, which)) = self.chunk_input(model)? else {
-            return model.forward_step(tokens, caches);
+        let mut inputs = Vec::with_capacity(prefills.len());
+        for prefill in prefills.iter() {
+            inputs.push(prefill.chunk_input(model)?);
+        }
+        let (step, logits) = {
+            let mut chunks: Vec<PromptChunk<'_>> = prefills
+                .iter_mut()
+                .zip(&inputs)
+                .filter_map(|(prefill, input)| {
+                    input.as_ref().map(|(tokens, which)| PromptChunk {
+                        tokens,
+                        cache: &mut prefill.cache,
+                        logits_for: *which,
+                    })
+                })
+                .collect();
+            if chunks.is_empty() {
+                return model.forward_step(tokens, caches);
+            }
+            model.forward_mixed((tokens, caches), &mut chunks)?
         };
-        let (step, logits) =
-            model.forward_mixed((tokens, caches), (&chunk, &mut self.cache, which))?;
-        self.take_chunk_logits(model, &logits)?;
+        let mut logits = logits.iter();
+        for (prefill, input) in prefills.iter_mut().zip(&inputs) {
+            // Only the prefills that ran a chunk have logits, in order.
+            if let Some(logits) = input.as_ref().and_then(|_| logits.next()) {
+                prefill.take_chunk_logits(model, logits)?;
+            }
+        }
         Ok(step)
     }
 

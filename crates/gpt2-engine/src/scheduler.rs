@@ -1,13 +1,14 @@
 //! The inference thread's loop: continuous batching under two budgets.
 //!
 //! Each round runs one decode step over the pending tokens of every running request, so each
-//! weight is read once per step for all of them. While requests decode, the prompt being
-//! prefilled runs one chunk inside that step's pass (`Gpt2Model::forward_mixed`), sized by
-//! measurement so that it adds at most `max_prefill_stall_percent` (50 by default) of a step's
-//! time ([`ChunkSizer`]) and never more than `prefill_chunk_tokens`. While nothing decodes,
-//! prompts are prefilled on their own in chunks of at least 256 tokens, a few short ones per
-//! round. Requests join the batch in arrival order while their rows fit under `max_batch_rows`;
-//! finished ones leave at once.
+//! weight is read once per step for all of them. While requests decode, the prompts being
+//! prefilled run their next chunks inside that step's pass (`Gpt2Model::forward_mixed`), in
+//! arrival order, with a token budget sized by measurement so that they add at most
+//! `max_prefill_stall_percent` (50 by default) of a step's time ([`ChunkSizer`]) and never more
+//! than `prefill_chunk_tokens`: a burst of short prompts starts together, a long one takes the
+//! whole budget until it is in. While nothing decodes, prompts are prefilled on their own in
+//! chunks of at least 256 tokens, a few short ones per round. Requests join the batch in arrival
+//! order while their rows fit under `max_batch_rows`; finished ones leave at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -59,6 +60,8 @@ struct Prefilling {
     prefill: Prefill,
     /// Time spent in its chunks so far.
     spent: Duration,
+    /// Prompt tokens planned for the coming decode step's pass (0: none).
+    planned: usize,
 }
 
 impl Running<'_> {
@@ -118,12 +121,12 @@ pub(crate) fn serve_jobs(
 ) {
     let mut running: Vec<Running<'_>> = Vec::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
-    let mut prefilling: Option<Prefilling> = None;
+    let mut prefilling: Vec<Prefilling> = Vec::new();
     let mut sizer = ChunkSizer::new(schedule.prefill_chunk_tokens, schedule.max_prefill_stall);
     let mut queue_open = true;
     loop {
         // Take what arrived; sleep on the queue only when there is nothing else to do.
-        if running.is_empty() && prefilling.is_none() && waiting.is_empty() {
+        if running.is_empty() && prefilling.is_empty() && waiting.is_empty() {
             if !queue_open {
                 return;
             }
@@ -143,10 +146,14 @@ pub(crate) fn serve_jobs(
         waiting.retain(|job| still_wanted(job, now));
         metrics::gauge!("gpt2_waiting_requests").set(waiting.len() as f64);
 
+        let decoding_rows: usize = running
+            .iter()
+            .map(|r| r.decoding.pending_tokens().len())
+            .sum();
         let stalled = prefill_round(
             pipeline,
             schedule,
-            sizer.next_chunk(),
+            sizer.next_chunk(decoding_rows),
             &mut waiting,
             &mut prefilling,
             &mut running,
@@ -172,38 +179,91 @@ pub(crate) fn serve_jobs(
         metrics::gauge!("gpt2_running_sequences").set(rows as f64);
         metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
         let stepped = Instant::now();
+        let beside = prefilling.iter().filter(|p| p.planned > 0).count();
+        stats
+            .max_prefills_per_step
+            .fetch_max(beside as u64, Ordering::Relaxed);
         let chunk_tokens = step(pipeline, &mut running, &mut prefilling);
         let elapsed = stepped.elapsed();
-        sizer.record_step(chunk_tokens, elapsed);
+        sizer.record_step(rows, chunk_tokens, elapsed);
         metrics::histogram!("gpt2_decode_step_duration_seconds").record(elapsed.as_secs_f64());
     }
 }
 
-/// One round's prefill work: continues the prompt being prefilled and starts waiting requests,
-/// in arrival order, within the round's token budget and the batch's row budget. While requests
-/// decode it only sets up the next chunk, of `beside_step_tokens`, for the step's pass. Returns
-/// the prompt tokens the running requests wait for this round.
+/// One round's prefill work, in arrival order within the round's token budget and the batch's
+/// row budget. While requests decode it only plans the chunks of the step's pass: the prompts
+/// being prefilled first, then waiting requests, `beside_step_tokens` in all. Returns the prompt
+/// tokens the running requests wait for this round.
 fn prefill_round<'p>(
     pipeline: &'p Pipeline,
     schedule: &Schedule,
     beside_step_tokens: usize,
     waiting: &mut VecDeque<Job>,
-    prefilling: &mut Option<Prefilling>,
+    prefilling: &mut Vec<Prefilling>,
     running: &mut Vec<Running<'p>>,
 ) -> usize {
-    let decoding_before = !running.is_empty();
-    let chunk_tokens = if decoding_before {
-        beside_step_tokens
-    } else {
-        schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS)
-    };
+    let now = Instant::now();
+    prefilling.retain(|p| still_wanted(&p.job, now));
+    if running.is_empty() {
+        prefill_alone(pipeline, schedule, waiting, prefilling, running);
+        return 0;
+    }
+    let mut budget = beside_step_tokens;
+    for current in prefilling.iter_mut() {
+        current.planned = plan_chunk(&mut current.prefill, &mut budget);
+    }
+    let mut rows: usize = running
+        .iter()
+        .map(|r| r.decoding.pending_tokens().len())
+        .chain(prefilling.iter().map(|p| p.job.params.decode_rows()))
+        .sum();
+    while budget > 0 {
+        let Some(next) = waiting.front() else {
+            break;
+        };
+        if rows + next.params.decode_rows() > schedule.max_batch_rows {
+            break;
+        }
+        let Some(job) = waiting.pop_front() else {
+            break;
+        };
+        rows += job.params.decode_rows();
+        if let Some(mut started) = begin(pipeline, job, schedule) {
+            started.planned = plan_chunk(&mut started.prefill, &mut budget);
+            prefilling.push(started);
+        }
+    }
+    beside_step_tokens - budget
+}
+
+/// Sizes a prefill's next chunk to what is left of `budget` and takes it from there.
+fn plan_chunk(prefill: &mut Prefill, budget: &mut usize) -> usize {
+    let tokens = prefill.remaining_tokens().min(*budget);
+    if tokens > 0 {
+        prefill.set_chunk_tokens(tokens);
+    }
+    *budget -= tokens;
+    tokens
+}
+
+/// While nothing decodes: prefills prompts on their own, in chunks of at least
+/// [`IDLE_PREFILL_CHUNK_TOKENS`], one after the other within one such chunk's budget, starting
+/// at most [`PREFILLS_PER_ROUND`]. Finished prompts join `running`.
+fn prefill_alone<'p>(
+    pipeline: &'p Pipeline,
+    schedule: &Schedule,
+    waiting: &mut VecDeque<Job>,
+    prefilling: &mut Vec<Prefilling>,
+    running: &mut Vec<Running<'p>>,
+) {
+    let chunk_tokens = schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS);
+    prefilling.iter_mut().for_each(|p| p.planned = 0);
     let mut budget = chunk_tokens;
     let mut started = 0;
-    let mut stalled = 0;
     loop {
-        if prefilling.is_none() {
+        if prefilling.is_empty() {
             let Some(next) = waiting.front() else {
-                return stalled;
+                return;
             };
             let running_rows: usize = running
                 .iter()
@@ -216,54 +276,36 @@ fn prefill_round<'p>(
             let affordable =
                 next.prompt.len().min(chunk_tokens) <= budget || budget == chunk_tokens;
             if !fits || !affordable || started == PREFILLS_PER_ROUND {
-                return stalled;
+                return;
             }
             let Some(job) = waiting.pop_front() else {
-                return stalled;
+                return;
             };
             started += 1;
-            *prefilling = begin(pipeline, job, schedule);
+            prefilling.extend(begin(pipeline, job, schedule));
             continue;
         }
-        let Some(current) = prefilling.as_mut() else {
-            return stalled;
-        };
-        if !still_wanted(&current.job, Instant::now()) {
-            *prefilling = None;
-            continue;
-        }
+        let current = &mut prefilling[0];
         current.prefill.set_chunk_tokens(chunk_tokens);
         let chunk = current.prefill.next_chunk_tokens();
         if chunk > budget && budget < chunk_tokens {
-            return stalled;
+            return;
         }
-        if decoding_before {
-            // The chunk runs in the decode step's own pass (see `step`).
-            return stalled + chunk;
-        }
-
         let clock = Instant::now();
         let ran = current.prefill.run_chunk(pipeline.model());
         current.spent += clock.elapsed();
         budget = budget.saturating_sub(chunk);
-        if decoding_before {
-            stalled += chunk;
-        }
         if let Err(e) = ran {
-            if let Some(failed) = prefilling.take() {
-                failed.job.send(WorkerMessage::Failed(e));
-            }
+            prefilling.remove(0).job.send(WorkerMessage::Failed(e));
             continue;
         }
         if current.prefill.is_done() {
-            if let Some(done) = prefilling.take() {
-                if let Some(request) = finish(pipeline, done) {
-                    request.publish(running);
-                }
+            if let Some(request) = finish(pipeline, prefilling.remove(0)) {
+                request.publish(running);
             }
         }
         if budget == 0 {
-            return stalled;
+            return;
         }
     }
 }
@@ -287,6 +329,7 @@ fn begin(pipeline: &Pipeline, mut job: Job, schedule: &Schedule) -> Option<Prefi
             job,
             prefill,
             spent: Duration::ZERO,
+            planned: 0,
         }),
         Err(e) => {
             job.send(WorkerMessage::Failed(e));
@@ -301,6 +344,7 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
         job,
         prefill,
         spent,
+        ..
     } = done;
     metrics::histogram!("gpt2_prefill_duration_seconds").record(spent.as_secs_f64());
     // The prompt's ids are needed again only to list its scores.
@@ -339,13 +383,13 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
     }
 }
 
-/// One decode step over every running request, publishing their events; a prompt being
-/// prefilled runs its next chunk in the same pass over the weights ([`Prefill::run_chunk_beside`]),
-/// then joins the batch once its last chunk ran. Returns the chunk's tokens (0: none ran).
+/// One decode step over every running request, publishing their events; the prompts with a
+/// planned chunk run it in the same pass over the weights ([`Prefill::run_chunks_beside`]), and
+/// those whose last chunk ran join the batch. Returns the chunks' tokens (0: none ran).
 fn step<'p>(
     pipeline: &'p Pipeline,
     running: &mut Vec<Running<'p>>,
-    prefilling: &mut Option<Prefilling>,
+    prefilling: &mut Vec<Prefilling>,
 ) -> usize {
     let vocab = pipeline.model().config().vocab_size;
     let tokens: Vec<u32> = running
@@ -360,32 +404,39 @@ fn step<'p>(
         running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
     let mut stepped = None;
     let mut chunk_tokens = 0;
-    if let Some(current) = prefilling
-        .as_mut()
-        .filter(|p| p.prefill.next_chunk_tokens() > 0)
-    {
+    let planned: usize = prefilling.iter().map(|p| p.planned).sum();
+    if planned > 0 {
         let clock = Instant::now();
-        let chunk = current.prefill.next_chunk_tokens();
-        let ran = current
-            .prefill
-            .run_chunk_beside(pipeline.model(), &tokens, &mut caches);
-        current.spent += clock.elapsed();
+        let mut prefills: Vec<&mut Prefill> = prefilling
+            .iter_mut()
+            .filter(|p| p.planned > 0)
+            .map(|p| &mut p.prefill)
+            .collect();
+        let ran = Prefill::run_chunks_beside(&mut prefills, pipeline.model(), &tokens, &mut caches);
+        let elapsed = clock.elapsed();
         match ran {
             Ok(logits) => {
-                chunk_tokens = chunk;
+                chunk_tokens = planned;
                 stepped = Some(Ok(logits));
-            }
-            Err(e) => {
-                // The chunk may be what failed: it fails alone, and the step runs without it (a
-                // failed pass committed no cache position, so the retry rewrites the same ones).
-                tracing::error!("prefill chunk beside a decode step failed: {e}");
-                if let Some(failed) = prefilling.take() {
-                    failed
-                        .job
-                        .send(WorkerMessage::Failed(EngineError::Model(e)));
+                for p in prefilling.iter_mut().filter(|p| p.planned > 0) {
+                    p.spent += elapsed;
                 }
             }
+            Err(e) => {
+                // The chunks may be what failed: they fail, and the step runs without them (a
+                // failed pass committed no cache position, so the retry rewrites the same ones).
+                tracing::error!("prefill chunks beside a decode step failed: {e}");
+                let e = Arc::new(e);
+                prefilling.retain(|p| {
+                    if p.planned > 0 {
+                        p.job
+                            .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
+                    }
+                    p.planned == 0
+                });
+            }
         }
+        prefilling.iter_mut().for_each(|p| p.planned = 0);
     }
     let stepped = stepped.unwrap_or_else(|| pipeline.model().forward_step(&tokens, &mut caches));
     let logits = match stepped {
@@ -411,9 +462,14 @@ fn step<'p>(
         }
     }
     *running = still_running;
-    if prefilling.as_ref().is_some_and(|p| p.prefill.is_done()) {
-        if let Some(request) = prefilling.take().and_then(|done| finish(pipeline, done)) {
-            request.publish(running);
+    let mut index = 0;
+    while index < prefilling.len() {
+        if prefilling[index].prefill.is_done() {
+            if let Some(request) = finish(pipeline, prefilling.remove(index)) {
+                request.publish(running);
+            }
+        } else {
+            index += 1;
         }
     }
     chunk_tokens

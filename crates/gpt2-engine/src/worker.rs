@@ -36,9 +36,9 @@ pub struct EngineConfig {
     /// (chunks of any size compute exactly the bits of a one-shot prefill); while none decodes,
     /// chunks are at least 256 tokens.
     pub prefill_chunk_tokens: usize,
-    /// How much one prompt chunk may lengthen the running streams' decode step, in percent of
-    /// the step's own time (default 50, at least 1): the chunks are sized by measurement to stay
-    /// within it.
+    /// How much the prompt chunks inside one decode step may lengthen it, in percent of the
+    /// step's own time (default 50, at least 1): the step's prompt tokens are sized by
+    /// measurement to stay within it.
     /// Larger values prefill long prompts sooner and make the running streams' gaps longer.
     pub max_prefill_stall_percent: u32,
     /// Most sequence rows (sequences or beams) in one decode step (default 48: the knee past which
@@ -170,6 +170,9 @@ pub struct EngineStats {
     /// decoding: how long a running stream waited for prefill work, in tokens (bounded by
     /// [`EngineConfig::prefill_chunk_tokens`]).
     pub max_prefill_stall_tokens: std::sync::atomic::AtomicU64,
+    /// The most prompts whose chunks ran in one decode step's pass (waiting prompts start
+    /// together within the step's token budget).
+    pub max_prefills_per_step: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {

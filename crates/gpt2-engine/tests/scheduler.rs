@@ -1,5 +1,6 @@
 //! The worker's budgets, through the public engine: long prompts prefilled in chunks between
-//! decode steps (without changing any answer), and the row budget of a decode step.
+//! decode steps (without changing any answer), a burst of prompts started together beside a
+//! step, and the row budget of a decode step.
 
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
@@ -118,4 +119,73 @@ async fn chunked_prefill_and_a_row_budget_change_no_answer() {
     let rows = stats.decode_rows.load(Ordering::Relaxed);
     // Each request has 3 rows and the budget is 4: one request decodes at a time.
     assert!(rows <= steps * 3, "{rows} rows in {steps} steps");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
+    let config = EngineConfig {
+        prefill_chunk_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
+    let pipeline = Pipeline::demo();
+    // 16 rows decoding keep each step long enough for the burst to queue up behind one.
+    let busy = GenerationRequest::builder("Once")
+        .mode(Mode::Sample)
+        .seed(1)
+        .max_new_tokens(1000)
+        .num_return_sequences(16)
+        .build()
+        .unwrap();
+    let mut running = engine.stream(busy).await.unwrap();
+    assert!(matches!(
+        next_event(&mut running).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
+    // Short prompts and one longer than the chunk budget, which takes several steps.
+    let requests: Vec<GenerationRequest> = (0..8u64)
+        .map(|i| {
+            let input = match i {
+                3 => long_prompt(),
+                _ => format!("Request number {i} is"),
+            };
+            GenerationRequest::builder(input)
+                .mode(Mode::Sample)
+                .seed(i)
+                .max_new_tokens(6)
+                .num_return_sequences(2)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    let lone: Vec<Vec<String>> = requests
+        .iter()
+        .map(|r| pipeline.generate(r).unwrap())
+        .collect();
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.generate(r).await })
+        })
+        .collect();
+    for (handle, expected) in handles.into_iter().zip(&lone) {
+        let completed = handle.await.unwrap().unwrap();
+        assert_eq!(&completed.output.texts, expected);
+    }
+    let together = engine.stats().max_prefills_per_step.load(Ordering::Relaxed);
+    assert!(
+        together >= 2,
+        "at most {together} prompt(s) ran in one step's pass"
+    );
+    // The running stream waited for at most one budget of prompt tokens per step.
+    let stall = engine
+        .stats()
+        .max_prefill_stall_tokens
+        .load(Ordering::Relaxed);
+    assert!((1..=64).contains(&stall), "{stall}");
+    assert!(matches!(
+        next_event(&mut running).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
 }

@@ -83,26 +83,27 @@ impl Attention {
     }
 
     /// [`Self::forward_step`] for the first `step_rows` rows of `xs` (over `caches`) and
-    /// [`Self::forward`] for the rest (a one-sequence chunk continuing `chunk_cache`), with each
-    /// projection over all rows at once.
+    /// [`Self::forward`] for each chunk after them (`chunk_lens[i]` rows of one sequence
+    /// continuing `chunk_caches[i]`), with each projection over all rows at once.
     pub(crate) fn forward_split(
         &self,
         xs: &Tensor,
-        step_rows: usize,
-        caches: &mut [&mut KvCache],
-        chunk_cache: &mut KvCache,
+        (step_rows, caches): (usize, &mut [&mut KvCache]),
+        (chunk_lens, chunk_caches): (&[usize], &mut [&mut KvCache]),
         layer: usize,
     ) -> candle_core::Result<Tensor> {
-        let new = xs.dim(0)? - step_rows;
         let qkv = self.c_attn.forward_split(xs, step_rows)?;
-        let ys = Tensor::cat(
-            &[
-                self.attend_step(&qkv.narrow(0, 0, step_rows)?, caches, layer)?,
-                self.attend_prefill(&qkv.narrow(0, step_rows, new)?, 1, new, chunk_cache, layer)?,
-            ],
-            0,
-        )?;
-        self.c_proj.forward_split(&ys, step_rows)
+        let mut parts = Vec::with_capacity(1 + chunk_lens.len());
+        if step_rows > 0 {
+            parts.push(self.attend_step(&qkv.narrow(0, 0, step_rows)?, caches, layer)?);
+        }
+        let mut first = step_rows;
+        for (&new, cache) in chunk_lens.iter().zip(chunk_caches.iter_mut()) {
+            parts.push(self.attend_prefill(&qkv.narrow(0, first, new)?, 1, new, cache, layer)?);
+            first += new;
+        }
+        self.c_proj
+            .forward_split(&Tensor::cat(&parts, 0)?, step_rows)
     }
 
     /// A prefill's attention from its `(batch · new, 3·n_embd)` projection: writes the keys and

@@ -126,22 +126,24 @@ impl Block {
         &xs + self.mlp.forward(&self.ln_2.forward(&xs)?)?
     }
 
-    /// A decode step's rows and a one-sequence prefill chunk's together, `xs`: `(step rows +
-    /// chunk, n_embd)`, the step's first: each row gets the bits of its separate call, and each
-    /// weight matrix is read once for both where their kernels are the same (bf16, q8_0).
+    /// A decode step's rows and one-sequence prefill chunks' together, `xs`: `(step rows +
+    /// chunk lengths, n_embd)`, the step's first, then each chunk's (`chunk_lens` rows,
+    /// continuing `chunk_caches`): each row gets the bits of its separate call, and each weight
+    /// matrix is read once for all where their kernels are the same (every format but a dense
+    /// LM head's).
     pub(crate) fn forward_split(
         &self,
         xs: &Tensor,
         caches: &mut [&mut KvCache],
-        chunk_cache: &mut KvCache,
+        chunk_caches: &mut [&mut KvCache],
+        chunk_lens: &[usize],
         layer: usize,
     ) -> candle_core::Result<Tensor> {
         let step_rows = caches.iter().map(|c| c.rows()).sum();
         let attended = self.attn.forward_split(
             &self.ln_1.forward(xs)?,
-            step_rows,
-            caches,
-            chunk_cache,
+            (step_rows, caches),
+            (chunk_lens, chunk_caches),
             layer,
         )?;
         let xs = (xs + attended)?;

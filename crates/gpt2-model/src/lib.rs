@@ -46,7 +46,7 @@ pub use config::{Activation, Gpt2Config};
 pub use demo::{demo_config, DEMO_WEIGHTS_SEED};
 pub use linear::WeightFormat;
 pub use memory::{return_freed_memory_to_os, trim_freed_memory};
-pub use model::{Gpt2Model, LogitsFor};
+pub use model::{Gpt2Model, LogitsFor, PromptChunk};
 pub use weights::WeightFiles;
 
 /// Errors of loading or running a model.

@@ -14,6 +14,18 @@ use crate::linear::{Conv1D, WeightFormat};
 use crate::weights::{self, NamedTensors, WeightFiles};
 use crate::{Gpt2Config, KvCache, KvFormat, ModelError};
 
+/// The next chunk of one prompt, for [`Gpt2Model::forward_mixed`]: `tokens` `(1, len)`
+/// continue the one sequence `cache` holds (or start it).
+#[derive(Debug)]
+pub struct PromptChunk<'a> {
+    /// The chunk's token ids, `(1, len)`.
+    pub tokens: &'a Tensor,
+    /// The prompt's cache, which the chunk extends by `len` positions.
+    pub cache: &'a mut KvCache,
+    /// Which of the chunk's positions get logits.
+    pub logits_for: LogitsFor,
+}
+
 /// Which positions of the input get logits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogitsFor {
@@ -356,40 +368,39 @@ impl Gpt2Model {
         Ok((past, new))
     }
 
-    /// A decode step ([`Self::forward_step`]) and the next chunk of one prompt ([`Self::forward`]
-    /// with a batch of 1) in one pass: their rows go through each layer together, attention
-    /// apart. Each result has exactly the bits of its separate call; with bf16 or q8_0 weights,
-    /// whose decode and prefill kernels are the same, every weight is read once for both, so a
-    /// long prompt's small chunks hardly slow the running streams. Returns the step's logits (one
-    /// row per token, row-major) and the chunk's (`(1, positions, vocab)`).
+    /// A decode step ([`Self::forward_step`]) and the next chunk of several prompts (each as
+    /// [`Self::forward`] with a batch of 1) in one pass: their rows go through each layer
+    /// together, attention apart. Each result has exactly the bits of its separate call; with
+    /// bf16 or q8_0 weights, whose decode and prefill kernels are the same, every weight is read
+    /// once for all of them, so small chunks of waiting prompts hardly slow the running streams.
+    /// Returns the step's logits (one row per token, row-major) and each chunk's (`(1,
+    /// positions, vocab)`), in the order of `chunks`. Nothing moves in any cache on an error.
     pub fn forward_mixed(
         &self,
         step: (&[u32], &mut [&mut KvCache]),
-        chunk: (&Tensor, &mut KvCache, LogitsFor),
-    ) -> Result<(Vec<f32>, Tensor), ModelError> {
-        let ((tokens, caches), (chunk_tokens, cache, logits_for)) = (step, chunk);
+        chunks: &mut [PromptChunk<'_>],
+    ) -> Result<(Vec<f32>, Vec<Tensor>), ModelError> {
+        let (tokens, caches) = step;
         let positions = self.check_step(tokens, caches)?;
-        let (past, new) = self.check_prefill(chunk_tokens, cache)?;
-        if chunk_tokens.dim(0)? != 1 {
-            return Err(ModelError::Input(
-                "a chunk beside a decode step is one sequence".into(),
-            ));
+        let mut spans = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter() {
+            let (past, new) = self.check_prefill(chunk.tokens, chunk.cache)?;
+            if chunk.tokens.dim(0)? != 1 {
+                return Err(ModelError::Input(
+                    "a chunk beside a decode step is one sequence".into(),
+                ));
+            }
+            spans.push(past + new);
         }
-        let (logits, chunk_logits) = rayon::scope(|_| {
-            self.forward_mixed_unchecked(
-                tokens,
-                &positions,
-                caches,
-                chunk_tokens,
-                cache,
-                logits_for,
-            )
-        })?;
+        let (logits, chunk_logits) =
+            rayon::scope(|_| self.forward_mixed_unchecked(tokens, &positions, caches, chunks))?;
         for cache in caches.iter_mut() {
             let positions = cache.seq_len() + 1;
             cache.commit(positions);
         }
-        cache.commit(past + new);
+        for (chunk, span) in chunks.iter_mut().zip(spans) {
+            chunk.cache.commit(span);
+        }
         Ok((logits, chunk_logits))
     }
 
@@ -398,28 +409,75 @@ impl Gpt2Model {
         tokens: &[u32],
         positions: &[u32],
         caches: &mut [&mut KvCache],
-        chunk_tokens: &Tensor,
-        cache: &mut KvCache,
-        logits_for: LogitsFor,
-    ) -> candle_core::Result<(Vec<f32>, Tensor)> {
+        chunks: &mut [PromptChunk<'_>],
+    ) -> candle_core::Result<(Vec<f32>, Vec<Tensor>)> {
         let n_embd = self.config.n_embd;
-        let new = chunk_tokens.dim(1)?;
-        let step = self.embed_step(tokens, positions, caches)?;
-        let chunk = self
-            .embed_prefill(chunk_tokens, cache)?
-            .reshape((new, n_embd))?;
-        let mut xs = Tensor::cat(&[step, chunk], 0)?;
+        let mut parts = vec![self.embed_step(tokens, positions, caches)?];
+        let mut lens = Vec::with_capacity(chunks.len());
+        for chunk in chunks.iter_mut() {
+            let new = chunk.tokens.dim(1)?;
+            parts.push(
+                self.embed_prefill(chunk.tokens, chunk.cache)?
+                    .reshape((new, n_embd))?,
+            );
+            lens.push(new);
+        }
+        let mut xs = Tensor::cat(&parts, 0)?;
+        let mut chunk_caches: Vec<&mut KvCache> =
+            chunks.iter_mut().map(|c| &mut *c.cache).collect();
         for (layer, block) in self.blocks.iter().enumerate() {
-            xs = block.forward_split(&xs, caches, cache, layer)?;
+            xs = block.forward_split(&xs, caches, &mut chunk_caches, &lens, layer)?;
         }
         let rows = tokens.len();
-        Ok((
-            self.step_logits(&xs.narrow(0, 0, rows)?)?,
-            self.prefill_logits(
-                xs.narrow(0, rows, new)?.reshape((1, new, n_embd))?,
-                logits_for,
-            )?,
-        ))
+        let step_logits = self.step_logits(&xs.narrow(0, 0, rows)?)?;
+        let which: Vec<LogitsFor> = chunks.iter().map(|c| c.logits_for).collect();
+        let chunk_logits =
+            self.chunk_logits(&xs.narrow(0, rows, xs.dim(0)? - rows)?, &lens, &which)?;
+        Ok((step_logits, chunk_logits))
+    }
+
+    /// The logits of prompt chunks whose rows follow each other in `xs` (`lens` rows each), as
+    /// [`Self::prefill_logits`] gives each alone: the rows that need logits go through the LM
+    /// head in one call (its kernels compute each row alike whatever else is in the call), so
+    /// several prompts finishing in one pass read the head once.
+    fn chunk_logits(
+        &self,
+        xs: &Tensor,
+        lens: &[usize],
+        which: &[LogitsFor],
+    ) -> candle_core::Result<Vec<Tensor>> {
+        let vocab = self.config.vocab_size;
+        let mut wanted = Vec::with_capacity(lens.len());
+        let mut picked = Vec::with_capacity(lens.len());
+        let mut first = 0;
+        for (&len, &logits_for) in lens.iter().zip(which) {
+            let (from, count) = match logits_for {
+                LogitsFor::Last => (first + len - 1, 1),
+                LogitsFor::All => (first, len),
+                LogitsFor::None => (first, 0),
+            };
+            if count > 0 {
+                picked.push(xs.narrow(0, from, count)?);
+            }
+            wanted.push(count);
+            first += len;
+        }
+        if picked.is_empty() {
+            return wanted
+                .iter()
+                .map(|_| Tensor::zeros((1, 0, vocab), DType::F32, &self.device))
+                .collect();
+        }
+        let logits = self
+            .lm_head
+            .forward(&self.ln_f.forward(&Tensor::cat(&picked, 0)?)?)?;
+        let mut out = Vec::with_capacity(wanted.len());
+        let mut first = 0;
+        for count in wanted {
+            out.push(logits.narrow(0, first, count)?.reshape((1, count, vocab))?);
+            first += count;
+        }
+        Ok(out)
     }
 
     fn forward_unchecked(

@@ -1,8 +1,8 @@
-//! A decode step and a prefill chunk run in one pass (`Gpt2Model::forward_mixed`) give exactly
-//! the bits of the two separate calls, in every weight and KV storage format.
+//! A decode step and prefill chunks run in one pass (`Gpt2Model::forward_mixed`) give exactly
+//! the bits of the separate calls, in every weight and KV storage format.
 
 use candle_core::{Device, Tensor};
-use gpt2_model::{Gpt2Model, KvCache, KvFormat, LogitsFor, WeightFormat};
+use gpt2_model::{Gpt2Model, KvCache, KvFormat, LogitsFor, PromptChunk, WeightFormat};
 
 /// A cache holding `prompt` for `rows` sequences (the prompt repeated), ready to decode.
 fn prefilled(model: &Gpt2Model, prompt: &[u32], rows: usize) -> KvCache {
@@ -60,14 +60,20 @@ fn a_mixed_pass_gives_the_bits_of_separate_calls() {
                 let (step2, chunk_logits2) = model
                     .forward_mixed(
                         (&tokens, &mut [&mut a2, &mut b2]),
-                        (&chunk, &mut c2, logits_for),
+                        &mut [PromptChunk {
+                            tokens: &chunk,
+                            cache: &mut c2,
+                            logits_for,
+                        }],
                     )
                     .unwrap();
+                assert_eq!(chunk_logits2.len(), 1, "{label}");
+                let chunk_logits2 = &chunk_logits2[0];
                 let then2 = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a2, &mut b2, &mut c2]);
                 assert!(step == step2, "{label}: step logits differ");
                 assert_eq!(chunk_logits.dims(), chunk_logits2.dims(), "{label}");
                 assert!(
-                    values(&chunk_logits) == values(&chunk_logits2),
+                    values(&chunk_logits) == values(chunk_logits2),
                     "{label}: chunk logits differ"
                 );
                 // The caches the two passes left behind decode alike.
@@ -82,21 +88,112 @@ fn a_mixed_pass_gives_the_bits_of_separate_calls() {
 }
 
 #[test]
+fn several_chunks_beside_a_step_give_the_bits_of_separate_calls() {
+    for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Bf16] {
+        let model = Gpt2Model::demo().with_weight_format(format).unwrap();
+        let chunk = |ids: &[u32]| {
+            Tensor::new(ids, &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap()
+        };
+        // A new prompt (its last chunk), a long prompt's middle chunk, a fresh prompt scored at
+        // every position, and a one-token last chunk: logits for 1, 0, all and 1 positions.
+        let plan = [
+            (vec![], chunk(&[11, 12, 13]), LogitsFor::Last),
+            (
+                vec![6u32, 6, 6],
+                chunk(&[1, 2, 3, 4, 5, 6, 7, 8]),
+                LogitsFor::None,
+            ),
+            (vec![], chunk(&[40, 41]), LogitsFor::All),
+            (vec![9u32, 10], chunk(&[99]), LogitsFor::Last),
+        ];
+        let start = |past: &Vec<u32>| {
+            if past.is_empty() {
+                model.new_cache_with_capacity(64)
+            } else {
+                prefilled(&model, past, 1)
+            }
+        };
+        let tokens = [7u32, 8, 9, 10];
+        let mut a = prefilled(&model, &[1, 2, 3], 1);
+        let mut b = prefilled(&model, &[4, 5], 3);
+        let step = model.forward_step(&tokens, &mut [&mut a, &mut b]).unwrap();
+        let mut alone_caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
+        let alone: Vec<Tensor> = plan
+            .iter()
+            .zip(alone_caches.iter_mut())
+            .map(|((_, ids, which), cache)| model.forward(ids, cache, *which).unwrap())
+            .collect();
+
+        let mut a2 = prefilled(&model, &[1, 2, 3], 1);
+        let mut b2 = prefilled(&model, &[4, 5], 3);
+        let mut caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
+        let mut chunks: Vec<PromptChunk<'_>> = plan
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|((_, ids, which), cache)| PromptChunk {
+                tokens: ids,
+                cache,
+                logits_for: *which,
+            })
+            .collect();
+        let (step2, together) = model
+            .forward_mixed((&tokens, &mut [&mut a2, &mut b2]), &mut chunks)
+            .unwrap();
+        drop(chunks);
+        assert!(step == step2, "{format:?}: step logits differ");
+        assert_eq!(together.len(), alone.len(), "{format:?}");
+        for (i, (x, y)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(x.dims(), y.dims(), "{format:?}: chunk {i}");
+            assert!(
+                values(x) == values(y),
+                "{format:?}: chunk {i} logits differ"
+            );
+        }
+        // The caches continue alike.
+        let next = |caches: &mut Vec<KvCache>| {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            model.forward_step(&[1, 2, 3, 4], &mut refs).unwrap()
+        };
+        assert!(
+            next(&mut alone_caches) == next(&mut caches),
+            "{format:?}: the caches differ"
+        );
+    }
+}
+
+#[test]
 fn a_mixed_pass_checks_both_inputs() {
     let model = Gpt2Model::demo();
     let mut a = prefilled(&model, &[1, 2, 3], 1);
     let mut c = prefilled(&model, &[6], 1);
+    let mut d = prefilled(&model, &[6], 1);
     let chunk = Tensor::new(&[[5u32, 17]], &Device::Cpu).unwrap();
-    let wrong_rows =
-        model.forward_mixed((&[1, 2], &mut [&mut a]), (&chunk, &mut c, LogitsFor::Last));
+    fn one<'a>(tokens: &'a Tensor, cache: &'a mut KvCache) -> PromptChunk<'a> {
+        PromptChunk {
+            tokens,
+            cache,
+            logits_for: LogitsFor::Last,
+        }
+    }
+    let wrong_rows = model.forward_mixed((&[1, 2], &mut [&mut a]), &mut [one(&chunk, &mut c)]);
     assert!(wrong_rows.is_err_and(|e| e.to_string().contains("2 tokens for 1 cached sequences")));
     let bad = Tensor::new(&[[5u32, 1_000_000]], &Device::Cpu).unwrap();
-    let outside = model.forward_mixed((&[1], &mut [&mut a]), (&bad, &mut c, LogitsFor::Last));
+    // The second chunk is bad: nothing moves, the first chunk's cache included.
+    let outside = model.forward_mixed(
+        (&[1], &mut [&mut a]),
+        &mut [one(&chunk, &mut d), one(&bad, &mut c)],
+    );
     assert!(outside.is_err_and(|e| e.to_string().contains("outside the vocabulary")));
     let mut two = prefilled(&model, &[6], 2);
     let batch = Tensor::new(&[[5u32], [6]], &Device::Cpu).unwrap();
-    let batched = model.forward_mixed((&[1], &mut [&mut a]), (&batch, &mut two, LogitsFor::Last));
+    let batched = model.forward_mixed((&[1], &mut [&mut a]), &mut [one(&batch, &mut two)]);
     assert!(batched.is_err_and(|e| e.to_string().contains("one sequence")));
     // No cache moved.
-    assert_eq!((a.seq_len(), c.seq_len(), two.seq_len()), (3, 1, 1));
+    assert_eq!(
+        (a.seq_len(), c.seq_len(), d.seq_len(), two.seq_len()),
+        (3, 1, 1, 1)
+    );
 }
