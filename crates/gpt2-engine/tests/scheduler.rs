@@ -15,6 +15,26 @@ async fn next_event(stream: &mut EngineStream) -> Option<Result<GenerationEvent,
     std::future::poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
 }
 
+/// Submits `requests` at once and checks that each is answered as the pipeline answers it alone.
+async fn answers_as_alone(engine: &Engine, requests: Vec<GenerationRequest>) {
+    let pipeline = Pipeline::demo();
+    let lone: Vec<Vec<String>> = requests
+        .iter()
+        .map(|r| pipeline.generate(r).unwrap())
+        .collect();
+    let handles: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.generate(r).await })
+        })
+        .collect();
+    for (handle, expected) in handles.into_iter().zip(&lone) {
+        let completed = handle.await.unwrap().unwrap();
+        assert_eq!(&completed.output.texts, expected);
+    }
+}
+
 fn long_prompt() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(60)
 }
@@ -82,7 +102,6 @@ async fn chunked_prefill_and_a_row_budget_change_no_answer() {
         ..EngineConfig::default()
     };
     let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
-    let pipeline = Pipeline::demo();
     let requests: Vec<GenerationRequest> = (0..5u64)
         .map(|i| {
             let input = if i == 2 {
@@ -99,21 +118,7 @@ async fn chunked_prefill_and_a_row_budget_change_no_answer() {
                 .unwrap()
         })
         .collect();
-    let lone: Vec<Vec<String>> = requests
-        .iter()
-        .map(|r| pipeline.generate(r).unwrap())
-        .collect();
-    let handles: Vec<_> = requests
-        .into_iter()
-        .map(|r| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.generate(r).await })
-        })
-        .collect();
-    for (handle, expected) in handles.into_iter().zip(&lone) {
-        let completed = handle.await.unwrap().unwrap();
-        assert_eq!(&completed.output.texts, expected);
-    }
+    answers_as_alone(&engine, requests).await;
     let stats = engine.stats();
     let steps = stats.decode_steps.load(Ordering::Relaxed);
     let rows = stats.decode_rows.load(Ordering::Relaxed);
@@ -128,7 +133,6 @@ async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
         ..EngineConfig::default()
     };
     let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
-    let pipeline = Pipeline::demo();
     // 16 rows decoding keep each step long enough for the burst to queue up behind one.
     let busy = GenerationRequest::builder("Once")
         .mode(Mode::Sample)
@@ -158,21 +162,7 @@ async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
                 .unwrap()
         })
         .collect();
-    let lone: Vec<Vec<String>> = requests
-        .iter()
-        .map(|r| pipeline.generate(r).unwrap())
-        .collect();
-    let handles: Vec<_> = requests
-        .into_iter()
-        .map(|r| {
-            let engine = engine.clone();
-            tokio::spawn(async move { engine.generate(r).await })
-        })
-        .collect();
-    for (handle, expected) in handles.into_iter().zip(&lone) {
-        let completed = handle.await.unwrap().unwrap();
-        assert_eq!(&completed.output.texts, expected);
-    }
+    answers_as_alone(&engine, requests).await;
     let together = engine.stats().max_prefills_per_step.load(Ordering::Relaxed);
     assert!(
         together >= 2,
