@@ -11,6 +11,8 @@
 //! order while their rows fit under `max_batch_rows`; finished ones leave at once.
 
 use std::collections::VecDeque;
+
+use rayon::prelude::*;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
@@ -451,12 +453,31 @@ fn step<'p>(
             return chunk_tokens;
         }
     };
+    let mut rows = Vec::with_capacity(counts.len());
     let mut offset = 0;
-    let mut still_running = Vec::with_capacity(running.len());
-    for (mut request, count) in running.drain(..).zip(counts) {
-        let rows = &logits[offset * vocab..(offset + count) * vocab];
+    for count in counts {
+        rows.push(&logits[offset * vocab..(offset + count) * vocab]);
         offset += count;
-        match request.decoding.advance(rows) {
+    }
+    // Each request chooses its tokens from its own rows with its own generator, so requests
+    // advance side by side on the model's pool: a 16-client step spent 4-5 ms here on one
+    // thread (48 rows of top-k sampling over 50,257 logits) while the other idled.
+    let advanced: Vec<Result<(), EngineError>> = if running.len() > 1 {
+        running
+            .par_iter_mut()
+            .zip(rows.par_iter())
+            .map(|(request, rows)| request.decoding.advance(rows))
+            .collect()
+    } else {
+        running
+            .iter_mut()
+            .zip(&rows)
+            .map(|(request, rows)| request.decoding.advance(rows))
+            .collect()
+    };
+    let mut still_running = Vec::with_capacity(running.len());
+    for (request, result) in running.drain(..).zip(advanced) {
+        match result {
             Err(e) => request.job.send(WorkerMessage::Failed(e)),
             Ok(()) => request.publish(&mut still_running),
         }
