@@ -86,8 +86,9 @@ impl Prefill {
     }
 
     /// Runs the next chunk of each of `prefills` in one pass with a decode step of other
-    /// requests' `tokens` over `caches` ([`Gpt2Model::forward_mixed`]); returns the step's
-    /// logits. Each gets the bits of its separate call. After a failed pass no cache moved.
+    /// requests' `tokens` over `caches` ([`Gpt2Model::forward_mixed`]; no token and no cache:
+    /// the chunks alone); returns the step's logits. Each gets the bits of its separate call.
+    /// After a failed pass no cache moved.
     pub fn run_chunks_beside(
         prefills: &mut [&mut Prefill],
         model: &Gpt2Model,
@@ -111,7 +112,10 @@ impl Prefill {
                 })
                 .collect();
             if chunks.is_empty() {
-                return model.forward_step(tokens, caches);
+                return match tokens.is_empty() {
+                    true => Ok(Vec::new()),
+                    false => model.forward_step(tokens, caches),
+                };
             }
             model.forward_mixed((tokens, caches), &mut chunks)?
         };

@@ -6,9 +6,9 @@
 //! arrival order, with a token budget sized by measurement so that they add at most
 //! `max_prefill_stall_percent` (50 by default) of a step's time ([`ChunkSizer`]) and never more
 //! than `prefill_chunk_tokens`: a burst of short prompts starts together, a long one takes the
-//! whole budget until it is in. While nothing decodes, prompts are prefilled on their own in
-//! chunks of at least 256 tokens, a few short ones per round. Requests join the batch in arrival
-//! order while their rows fit under `max_batch_rows`; finished ones leave at once.
+//! whole budget until it is in. While nothing decodes, the prompts' chunks share a pass of their
+//! own, at least 256 tokens in all. Requests join the batch in arrival order while their rows
+//! fit under `max_batch_rows`; finished ones leave at once.
 
 use std::collections::VecDeque;
 
@@ -23,12 +23,9 @@ use crate::run::Prefill;
 use crate::worker::{EngineStats, Job, WorkerMessage};
 use crate::{Decoding, EngineConfig, EngineError, Pipeline};
 
-/// Prefills started per round at most while nothing decodes (while requests decode, one prompt at
-/// a time runs beside the steps): each reads every weight once, as a decode step does.
-const PREFILLS_PER_ROUND: usize = 2;
-
-/// Prompt tokens per chunk while no request is decoding: nothing waits on the chunks then but
-/// requests that may arrive meanwhile, and longer chunks prefill faster.
+/// Prompt tokens per pass (all prompts' chunks together) while no request is decoding: nothing
+/// waits on the chunks then but requests that may arrive meanwhile, and longer chunks prefill
+/// faster.
 const IDLE_PREFILL_CHUNK_TOKENS: usize = 256;
 
 /// The budgets of the loop, from [`EngineConfig`].
@@ -154,6 +151,7 @@ pub(crate) fn serve_jobs(
             .sum();
         let stalled = prefill_round(
             pipeline,
+            stats,
             schedule,
             sizer.next_chunk(decoding_rows),
             &mut waiting,
@@ -181,23 +179,22 @@ pub(crate) fn serve_jobs(
         metrics::gauge!("gpt2_running_sequences").set(rows as f64);
         metrics::histogram!("gpt2_decode_batch_rows").record(rows as f64);
         let stepped = Instant::now();
-        let beside = prefilling.iter().filter(|p| p.planned > 0).count();
-        stats
-            .max_prefills_per_step
-            .fetch_max(beside as u64, Ordering::Relaxed);
-        let chunk_tokens = step(pipeline, &mut running, &mut prefilling);
+        let chunk_tokens = step(pipeline, stats, &mut running, &mut prefilling);
         let elapsed = stepped.elapsed();
         sizer.record_step(rows, chunk_tokens, elapsed);
         metrics::histogram!("gpt2_decode_step_duration_seconds").record(elapsed.as_secs_f64());
     }
 }
 
-/// One round's prefill work, in arrival order within the round's token budget and the batch's
-/// row budget. While requests decode it only plans the chunks of the step's pass: the prompts
-/// being prefilled first, then waiting requests, `beside_step_tokens` in all. Returns the prompt
-/// tokens the running requests wait for this round.
+/// One round's prefill work: plans the next chunks of the prompts being prefilled, then of
+/// waiting requests, in arrival order within the round's token budget and the batch's row
+/// budget. While requests decode the chunks run in the step's pass, `beside_step_tokens` in all;
+/// while none does, they run now in one pass of their own, [`IDLE_PREFILL_CHUNK_TOKENS`] or
+/// more in all, and the finished prompts join `running`. Returns the prompt tokens the running
+/// requests wait for this round.
 fn prefill_round<'p>(
     pipeline: &'p Pipeline,
+    stats: &EngineStats,
     schedule: &Schedule,
     beside_step_tokens: usize,
     waiting: &mut VecDeque<Job>,
@@ -206,11 +203,12 @@ fn prefill_round<'p>(
 ) -> usize {
     let now = Instant::now();
     prefilling.retain(|p| still_wanted(&p.job, now));
-    if running.is_empty() {
-        prefill_alone(pipeline, schedule, waiting, prefilling, running);
-        return 0;
-    }
-    let mut budget = beside_step_tokens;
+    let decoding = !running.is_empty();
+    let tokens = match decoding {
+        true => beside_step_tokens,
+        false => schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS),
+    };
+    let mut budget = tokens;
     for current in prefilling.iter_mut() {
         current.planned = plan_chunk(&mut current.prefill, &mut budget);
     }
@@ -223,7 +221,8 @@ fn prefill_round<'p>(
         let Some(next) = waiting.front() else {
             break;
         };
-        if rows + next.params.decode_rows() > schedule.max_batch_rows {
+        // A request alone always runs, whatever its rows.
+        if rows > 0 && rows + next.params.decode_rows() > schedule.max_batch_rows {
             break;
         }
         let Some(job) = waiting.pop_front() else {
@@ -235,7 +234,14 @@ fn prefill_round<'p>(
             prefilling.push(started);
         }
     }
-    beside_step_tokens - budget
+    if decoding {
+        // The chunks run in the decode step's own pass (see `step`).
+        return tokens - budget;
+    }
+    // Nothing decodes: the chunks share a pass of their own.
+    run_planned(pipeline, stats, prefilling, &[], &mut []);
+    join_finished(pipeline, prefilling, running);
+    0
 }
 
 /// Sizes a prefill's next chunk to what is left of `budget` and takes it from there.
@@ -246,70 +252,6 @@ fn plan_chunk(prefill: &mut Prefill, budget: &mut usize) -> usize {
     }
     *budget -= tokens;
     tokens
-}
-
-/// While nothing decodes: prefills prompts on their own, in chunks of at least
-/// [`IDLE_PREFILL_CHUNK_TOKENS`], one after the other within one such chunk's budget, starting
-/// at most [`PREFILLS_PER_ROUND`]. Finished prompts join `running`.
-fn prefill_alone<'p>(
-    pipeline: &'p Pipeline,
-    schedule: &Schedule,
-    waiting: &mut VecDeque<Job>,
-    prefilling: &mut Vec<Prefilling>,
-    running: &mut Vec<Running<'p>>,
-) {
-    let chunk_tokens = schedule.prefill_chunk_tokens.max(IDLE_PREFILL_CHUNK_TOKENS);
-    prefilling.iter_mut().for_each(|p| p.planned = 0);
-    let mut budget = chunk_tokens;
-    let mut started = 0;
-    loop {
-        if prefilling.is_empty() {
-            let Some(next) = waiting.front() else {
-                return;
-            };
-            let running_rows: usize = running
-                .iter()
-                .map(|r| r.decoding.pending_tokens().len())
-                .sum();
-            let fits = running.is_empty()
-                || running_rows + next.params.decode_rows() <= schedule.max_batch_rows;
-            // A chunk or prompt longer than what is left of the budget waits for the next round,
-            // unless the round has done nothing yet (so a long chunk always makes progress).
-            let affordable =
-                next.prompt.len().min(chunk_tokens) <= budget || budget == chunk_tokens;
-            if !fits || !affordable || started == PREFILLS_PER_ROUND {
-                return;
-            }
-            let Some(job) = waiting.pop_front() else {
-                return;
-            };
-            started += 1;
-            prefilling.extend(begin(pipeline, job, schedule));
-            continue;
-        }
-        let current = &mut prefilling[0];
-        current.prefill.set_chunk_tokens(chunk_tokens);
-        let chunk = current.prefill.next_chunk_tokens();
-        if chunk > budget && budget < chunk_tokens {
-            return;
-        }
-        let clock = Instant::now();
-        let ran = current.prefill.run_chunk(pipeline.model());
-        current.spent += clock.elapsed();
-        budget = budget.saturating_sub(chunk);
-        if let Err(e) = ran {
-            prefilling.remove(0).job.send(WorkerMessage::Failed(e));
-            continue;
-        }
-        if current.prefill.is_done() {
-            if let Some(request) = finish(pipeline, prefilling.remove(0)) {
-                request.publish(running);
-            }
-        }
-        if budget == 0 {
-            return;
-        }
-    }
 }
 
 /// Tells a job's stream that it started and plans its prefill; `None` (after telling the stream
@@ -390,6 +332,7 @@ fn finish(pipeline: &Pipeline, done: Prefilling) -> Option<Running<'_>> {
 /// those whose last chunk ran join the batch. Returns the chunks' tokens (0: none ran).
 fn step<'p>(
     pipeline: &'p Pipeline,
+    stats: &EngineStats,
     running: &mut Vec<Running<'p>>,
     prefilling: &mut Vec<Prefilling>,
 ) -> usize {
@@ -404,43 +347,10 @@ fn step<'p>(
         .collect();
     let mut caches: Vec<&mut gpt2_model::KvCache> =
         running.iter_mut().map(|r| r.decoding.cache_mut()).collect();
-    let mut stepped = None;
-    let mut chunk_tokens = 0;
-    let planned: usize = prefilling.iter().map(|p| p.planned).sum();
-    if planned > 0 {
-        let clock = Instant::now();
-        let mut prefills: Vec<&mut Prefill> = prefilling
-            .iter_mut()
-            .filter(|p| p.planned > 0)
-            .map(|p| &mut p.prefill)
-            .collect();
-        let ran = Prefill::run_chunks_beside(&mut prefills, pipeline.model(), &tokens, &mut caches);
-        let elapsed = clock.elapsed();
-        match ran {
-            Ok(logits) => {
-                chunk_tokens = planned;
-                stepped = Some(Ok(logits));
-                for p in prefilling.iter_mut().filter(|p| p.planned > 0) {
-                    p.spent += elapsed;
-                }
-            }
-            Err(e) => {
-                // The chunks may be what failed: they fail, and the step runs without them (a
-                // failed pass committed no cache position, so the retry rewrites the same ones).
-                tracing::error!("prefill chunks beside a decode step failed: {e}");
-                let e = Arc::new(e);
-                prefilling.retain(|p| {
-                    if p.planned > 0 {
-                        p.job
-                            .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
-                    }
-                    p.planned == 0
-                });
-            }
-        }
-        prefilling.iter_mut().for_each(|p| p.planned = 0);
-    }
-    let stepped = stepped.unwrap_or_else(|| pipeline.model().forward_step(&tokens, &mut caches));
+    let (stepped, chunk_tokens) = run_planned(pipeline, stats, prefilling, &tokens, &mut caches);
+    let stepped = stepped
+        .map(Ok)
+        .unwrap_or_else(|| pipeline.model().forward_step(&tokens, &mut caches));
     let logits = match stepped {
         Ok(logits) => logits,
         Err(e) => {
@@ -483,6 +393,68 @@ fn step<'p>(
         }
     }
     *running = still_running;
+    join_finished(pipeline, prefilling, running);
+    chunk_tokens
+}
+
+/// Runs the planned chunks of `prefilling` in one pass with the decode step of `tokens` over
+/// `caches` (none: the chunks on their own). Returns the step's logits when that pass ran, and
+/// the chunks' tokens. When it failed, the prompts that had a chunk in it fail (the pass cannot
+/// tell which one did) and leave `prefilling`; the caller retries the step without them (a
+/// failed pass committed no cache position, so the retry rewrites the same ones).
+fn run_planned(
+    pipeline: &Pipeline,
+    stats: &EngineStats,
+    prefilling: &mut Vec<Prefilling>,
+    tokens: &[u32],
+    caches: &mut [&mut gpt2_model::KvCache],
+) -> (Option<Vec<f32>>, usize) {
+    let planned: usize = prefilling.iter().map(|p| p.planned).sum();
+    if planned == 0 {
+        return (None, 0);
+    }
+    let prompts = prefilling.iter().filter(|p| p.planned > 0).count();
+    stats
+        .max_prefills_per_pass
+        .fetch_max(prompts as u64, Ordering::Relaxed);
+    let clock = Instant::now();
+    let mut prefills: Vec<&mut Prefill> = prefilling
+        .iter_mut()
+        .filter(|p| p.planned > 0)
+        .map(|p| &mut p.prefill)
+        .collect();
+    let ran = Prefill::run_chunks_beside(&mut prefills, pipeline.model(), tokens, caches);
+    let elapsed = clock.elapsed();
+    let result = match ran {
+        Ok(logits) => {
+            for p in prefilling.iter_mut().filter(|p| p.planned > 0) {
+                p.spent += elapsed;
+            }
+            (Some(logits), planned)
+        }
+        Err(e) => {
+            tracing::error!("a pass of prompt chunks failed: {e}");
+            let e = Arc::new(e);
+            prefilling.retain(|p| {
+                if p.planned > 0 {
+                    p.job
+                        .send(WorkerMessage::Failed(EngineError::DecodeStep(e.clone())));
+                }
+                p.planned == 0
+            });
+            (None, 0)
+        }
+    };
+    prefilling.iter_mut().for_each(|p| p.planned = 0);
+    result
+}
+
+/// Moves every prompt whose last chunk ran into the batch, in arrival order.
+fn join_finished<'p>(
+    pipeline: &'p Pipeline,
+    prefilling: &mut Vec<Prefilling>,
+    running: &mut Vec<Running<'p>>,
+) {
     let mut index = 0;
     while index < prefilling.len() {
         if prefilling[index].prefill.is_done() {
@@ -493,5 +465,4 @@ fn step<'p>(
             index += 1;
         }
     }
-    chunk_tokens
 }

@@ -34,7 +34,7 @@ pub struct EngineConfig {
     /// (default 64). Below this cap the chunks are sized by measurement, so that each adds at
     /// most [`Self::max_prefill_stall_percent`] of a step's time to the running streams' step
     /// (chunks of any size compute exactly the bits of a one-shot prefill); while none decodes,
-    /// chunks are at least 256 tokens.
+    /// a round prefills at least 256 prompt tokens.
     pub prefill_chunk_tokens: usize,
     /// How much the prompt chunks inside one decode step may lengthen it, in percent of the
     /// step's own time (default 50, at least 1): the step's prompt tokens are sized by
@@ -170,9 +170,9 @@ pub struct EngineStats {
     /// decoding: how long a running stream waited for prefill work, in tokens (bounded by
     /// [`EngineConfig::prefill_chunk_tokens`]).
     pub max_prefill_stall_tokens: std::sync::atomic::AtomicU64,
-    /// The most prompts whose chunks ran in one decode step's pass (waiting prompts start
-    /// together within the step's token budget).
-    pub max_prefills_per_step: std::sync::atomic::AtomicU64,
+    /// The most prompts whose chunks ran in one pass, beside a decode step or on their own
+    /// (waiting prompts start together within the round's token budget).
+    pub max_prefills_per_pass: std::sync::atomic::AtomicU64,
 }
 
 impl Engine {

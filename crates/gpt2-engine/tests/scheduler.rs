@@ -163,7 +163,7 @@ async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
         })
         .collect();
     answers_as_alone(&engine, requests).await;
-    let together = engine.stats().max_prefills_per_step.load(Ordering::Relaxed);
+    let together = engine.stats().max_prefills_per_pass.load(Ordering::Relaxed);
     assert!(
         together >= 2,
         "at most {together} prompt(s) ran in one step's pass"

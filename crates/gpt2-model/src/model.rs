@@ -374,14 +374,20 @@ impl Gpt2Model {
     /// bf16 or q8_0 weights, whose decode and prefill kernels are the same, every weight is read
     /// once for all of them, so small chunks of waiting prompts hardly slow the running streams.
     /// Returns the step's logits (one row per token, row-major) and each chunk's (`(1,
-    /// positions, vocab)`), in the order of `chunks`. Nothing moves in any cache on an error.
+    /// positions, vocab)`), in the order of `chunks`. The step may be empty (no token, no cache)
+    /// when there are chunks: they then share a pass on their own. Nothing moves in any cache on
+    /// an error.
     pub fn forward_mixed(
         &self,
         step: (&[u32], &mut [&mut KvCache]),
         chunks: &mut [PromptChunk<'_>],
     ) -> Result<(Vec<f32>, Vec<Tensor>), ModelError> {
         let (tokens, caches) = step;
-        let positions = self.check_step(tokens, caches)?;
+        let positions = if tokens.is_empty() && caches.is_empty() && !chunks.is_empty() {
+            Vec::new()
+        } else {
+            self.check_step(tokens, caches)?
+        };
         let mut spans = Vec::with_capacity(chunks.len());
         for chunk in chunks.iter() {
             let (past, new) = self.check_prefill(chunk.tokens, chunk.cache)?;
@@ -412,7 +418,10 @@ impl Gpt2Model {
         chunks: &mut [PromptChunk<'_>],
     ) -> candle_core::Result<(Vec<f32>, Vec<Tensor>)> {
         let n_embd = self.config.n_embd;
-        let mut parts = vec![self.embed_step(tokens, positions, caches)?];
+        let mut parts = Vec::with_capacity(1 + chunks.len());
+        if !tokens.is_empty() {
+            parts.push(self.embed_step(tokens, positions, caches)?);
+        }
         let mut lens = Vec::with_capacity(chunks.len());
         for chunk in chunks.iter_mut() {
             let new = chunk.tokens.dim(1)?;
@@ -428,28 +437,31 @@ impl Gpt2Model {
         for (layer, block) in self.blocks.iter().enumerate() {
             xs = block.forward_split(&xs, caches, &mut chunk_caches, &lens, layer)?;
         }
-        let rows = tokens.len();
-        let step_logits = self.step_logits(&xs.narrow(0, 0, rows)?)?;
         let which: Vec<LogitsFor> = chunks.iter().map(|c| c.logits_for).collect();
-        let chunk_logits =
-            self.chunk_logits(&xs.narrow(0, rows, xs.dim(0)? - rows)?, &lens, &which)?;
-        Ok((step_logits, chunk_logits))
+        self.mixed_logits(&xs, tokens.len(), &lens, &which)
     }
 
-    /// The logits of prompt chunks whose rows follow each other in `xs` (`lens` rows each), as
-    /// [`Self::prefill_logits`] gives each alone: the rows that need logits go through the LM
-    /// head in one call (its kernels compute each row alike whatever else is in the call), so
-    /// several prompts finishing in one pass read the head once.
-    fn chunk_logits(
+    /// The logits of a mixed pass from the last block's output `xs`: the step's `rows` first (as
+    /// [`Self::step_logits`] gives them), then those of the chunks whose rows follow (`lens`
+    /// rows each), as [`Self::prefill_logits`] gives each alone. The rows that need logits go
+    /// through the LM head in one call (`Conv1D::forward_split`: one pass over the head wherever
+    /// a step's and a prefill's kernels are the same, and each row computed alike whatever else
+    /// is in the call). Before, a pass in which a prompt finished read the f32 head (154 MB on
+    /// the 124M shape) twice, once for the step and once for the chunk.
+    fn mixed_logits(
         &self,
         xs: &Tensor,
+        rows: usize,
         lens: &[usize],
         which: &[LogitsFor],
-    ) -> candle_core::Result<Vec<Tensor>> {
+    ) -> candle_core::Result<(Vec<f32>, Vec<Tensor>)> {
         let vocab = self.config.vocab_size;
+        let mut picked = Vec::with_capacity(1 + lens.len());
+        if rows > 0 {
+            picked.push(xs.narrow(0, 0, rows)?);
+        }
         let mut wanted = Vec::with_capacity(lens.len());
-        let mut picked = Vec::with_capacity(lens.len());
-        let mut first = 0;
+        let mut first = rows;
         for (&len, &logits_for) in lens.iter().zip(which) {
             let (from, count) = match logits_for {
                 LogitsFor::Last => (first + len - 1, 1),
@@ -463,21 +475,23 @@ impl Gpt2Model {
             first += len;
         }
         if picked.is_empty() {
-            return wanted
-                .iter()
-                .map(|_| Tensor::zeros((1, 0, vocab), DType::F32, &self.device))
-                .collect();
+            let none = Tensor::zeros((1, 0, vocab), DType::F32, &self.device)?;
+            return Ok((Vec::new(), vec![none; lens.len()]));
         }
         let logits = self
             .lm_head
-            .forward(&self.ln_f.forward(&Tensor::cat(&picked, 0)?)?)?;
-        let mut out = Vec::with_capacity(wanted.len());
-        let mut first = 0;
+            .forward_split(&self.ln_f.forward(&Tensor::cat(&picked, 0)?)?, rows)?;
+        let step = match rows {
+            0 => Vec::new(),
+            _ => logits.narrow(0, 0, rows)?.flatten_all()?.to_vec1::<f32>()?,
+        };
+        let mut chunks = Vec::with_capacity(wanted.len());
+        let mut first = rows;
         for count in wanted {
-            out.push(logits.narrow(0, first, count)?.reshape((1, count, vocab))?);
+            chunks.push(logits.narrow(0, first, count)?.reshape((1, count, vocab))?);
             first += count;
         }
-        Ok(out)
+        Ok((step, chunks))
     }
 
     fn forward_unchecked(

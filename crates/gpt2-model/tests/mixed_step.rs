@@ -161,6 +161,35 @@ fn several_chunks_beside_a_step_give_the_bits_of_separate_calls() {
             next(&mut alone_caches) == next(&mut caches),
             "{format:?}: the caches differ"
         );
+
+        // The same chunks with no decode step: a pass of prompts on their own.
+        let mut alone_caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
+        for ((_, ids, which), cache) in plan.iter().zip(alone_caches.iter_mut()) {
+            model.forward(ids, cache, *which).unwrap();
+        }
+        let mut caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
+        let mut chunks: Vec<PromptChunk<'_>> = plan
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|((_, ids, which), cache)| PromptChunk {
+                tokens: ids,
+                cache,
+                logits_for: *which,
+            })
+            .collect();
+        let (none, on_their_own) = model.forward_mixed((&[], &mut []), &mut chunks).unwrap();
+        drop(chunks);
+        assert!(none.is_empty(), "{format:?}");
+        for (i, (x, y)) in alone.iter().zip(&on_their_own).enumerate() {
+            assert!(
+                values(x) == values(y),
+                "{format:?}: chunk {i} on its own differs"
+            );
+        }
+        assert!(
+            next(&mut alone_caches) == next(&mut caches),
+            "{format:?}: the caches differ after a pass of chunks alone"
+        );
     }
 }
 
@@ -191,6 +220,11 @@ fn a_mixed_pass_checks_both_inputs() {
     let batch = Tensor::new(&[[5u32], [6]], &Device::Cpu).unwrap();
     let batched = model.forward_mixed((&[1], &mut [&mut a]), &mut [one(&batch, &mut two)]);
     assert!(batched.is_err_and(|e| e.to_string().contains("one sequence")));
+    // An empty step needs chunks, and tokens need their caches.
+    let nothing = model.forward_mixed((&[], &mut []), &mut []);
+    assert!(nothing.is_err_and(|e| e.to_string().contains("0 tokens for 0 cached sequences")));
+    let no_cache = model.forward_mixed((&[1], &mut []), &mut [one(&chunk, &mut c)]);
+    assert!(no_cache.is_err_and(|e| e.to_string().contains("1 tokens for 0 cached sequences")));
     // No cache moved.
     assert_eq!(
         (a.seq_len(), c.seq_len(), d.seq_len(), two.seq_len()),
