@@ -17,6 +17,21 @@ fn prefilled(model: &Gpt2Model, prompt: &[u32], rows: usize) -> KvCache {
     cache
 }
 
+/// One chunk per `(past, tokens, logits)` of `plan`, each continuing its cache in `caches`.
+fn prompt_chunks<'a>(
+    plan: &'a [(Vec<u32>, Tensor, LogitsFor)],
+    caches: &'a mut [KvCache],
+) -> Vec<PromptChunk<'a>> {
+    plan.iter()
+        .zip(caches.iter_mut())
+        .map(|((_, tokens, logits_for), cache)| PromptChunk {
+            tokens,
+            cache,
+            logits_for: *logits_for,
+        })
+        .collect()
+}
+
 fn values(t: &Tensor) -> Vec<f32> {
     t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
@@ -130,15 +145,7 @@ fn several_chunks_beside_a_step_give_the_bits_of_separate_calls() {
         let mut a2 = prefilled(&model, &[1, 2, 3], 1);
         let mut b2 = prefilled(&model, &[4, 5], 3);
         let mut caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
-        let mut chunks: Vec<PromptChunk<'_>> = plan
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|((_, ids, which), cache)| PromptChunk {
-                tokens: ids,
-                cache,
-                logits_for: *which,
-            })
-            .collect();
+        let mut chunks = prompt_chunks(&plan, &mut caches);
         let (step2, together) = model
             .forward_mixed((&tokens, &mut [&mut a2, &mut b2]), &mut chunks)
             .unwrap();
@@ -168,15 +175,7 @@ fn several_chunks_beside_a_step_give_the_bits_of_separate_calls() {
             model.forward(ids, cache, *which).unwrap();
         }
         let mut caches: Vec<KvCache> = plan.iter().map(|(past, _, _)| start(past)).collect();
-        let mut chunks: Vec<PromptChunk<'_>> = plan
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|((_, ids, which), cache)| PromptChunk {
-                tokens: ids,
-                cache,
-                logits_for: *which,
-            })
-            .collect();
+        let mut chunks = prompt_chunks(&plan, &mut caches);
         let (none, on_their_own) = model.forward_mixed((&[], &mut []), &mut chunks).unwrap();
         drop(chunks);
         assert!(none.is_empty(), "{format:?}");
