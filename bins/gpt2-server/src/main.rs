@@ -44,6 +44,15 @@ fn main() -> ExitCode {
         error!("{e}");
         return ExitCode::from(2);
     }
+    // The compute threads get names of their own (`top -H`, `perf`): otherwise they take the
+    // name of the thread that first used the pool, a Tokio worker. RAYON_NUM_THREADS still sets
+    // how many there are.
+    if let Err(e) = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("gpt2-compute-{i}"))
+        .build_global()
+    {
+        warn!("the compute threads keep rayon's defaults: {e}");
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

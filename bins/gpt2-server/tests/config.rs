@@ -294,6 +294,28 @@ fn help_lists_every_environment_variable() {
     }
 }
 
+/// The compute threads are named `gpt2-compute-N` (what `top -H` and `perf` show), and
+/// `RAYON_NUM_THREADS` sets how many there are.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_compute_threads_are_named_and_counted_by_rayon_num_threads() {
+    let server = Server::start_with_env(&[], &[("RAYON_NUM_THREADS", "3")]);
+    let response = server.invoke(r#"{"input": "Hi", "max_length": 4, "num_return_sequences": 1}"#);
+    assert_eq!(response.status, 200, "{response:?}");
+    let tasks = format!("/proc/{}/task", server.child.id());
+    let mut names: Vec<String> = std::fs::read_dir(&tasks)
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("gpt2-compute-"))
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["gpt2-compute-0", "gpt2-compute-1", "gpt2-compute-2"]
+    );
+}
+
 /// No flag at all: the host, port, log format, model, storage formats, queue, deadline, grace
 /// and request limits all come from the environment.
 #[test]
