@@ -104,3 +104,34 @@ fn kv_cache_bytes_bounds_what_a_generation_allocates() {
         );
     }
 }
+
+/// A cache of each format in one step (models differing only in their KV format share weights
+/// and caches): each cache's rows get the logits of a step over that cache alone.
+#[test]
+fn a_step_over_caches_of_both_formats_answers_each_as_alone() {
+    let f32_model = Gpt2Model::demo();
+    let f16_model = Gpt2Model::demo().with_kv_format(KvFormat::F16);
+    let prefilled = |model: &Gpt2Model, prompt: &[u32], rows: usize| {
+        let mut cache = model.new_cache_with_capacity(16);
+        let input = Tensor::new(prompt, &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap()
+            .repeat((rows, 1))
+            .unwrap();
+        model.forward(&input, &mut cache, LogitsFor::Last).unwrap();
+        cache
+    };
+    let (mut a, mut b) = (
+        prefilled(&f32_model, &[5, 17, 300], 2),
+        prefilled(&f16_model, &[9, 1000, 44, 2], 1),
+    );
+    let (mut lone_a, mut lone_b) = (a.clone(), b.clone());
+    let together = f32_model
+        .forward_step(&[7, 8, 9], &mut [&mut a, &mut b])
+        .unwrap();
+    let mut alone = f32_model.forward_step(&[7, 8], &mut [&mut lone_a]).unwrap();
+    alone.extend(f32_model.forward_step(&[9], &mut [&mut lone_b]).unwrap());
+    assert_eq!(together, alone);
+    assert_eq!(b.format(), KvFormat::F16);
+}
