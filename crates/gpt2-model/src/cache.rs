@@ -38,7 +38,8 @@ impl std::str::FromStr for KvFormat {
 /// A row's storage is found through `slots` (sequence → storage row), so that
 /// [`KvCache::reorder`] (one prompt forked into several return sequences, beams after a step)
 /// renames storage rows instead of moving them: only a row taken by a second sequence (a fork)
-/// is copied, and only its positions in use.
+/// is copied, and only its positions in use that differ from what the row it lands in holds
+/// (see [`Origins`]).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
@@ -46,10 +47,57 @@ pub struct KvCache {
     rows: usize,
     /// `slots[row]` is the storage row holding sequence `row`: a permutation of `0..rows`.
     slots: Vec<usize>,
+    origins: Origins,
     capacity: usize,
     n_head: usize,
     head_dim: usize,
     format: KvFormat,
+}
+
+/// Which write produced each committed position of each storage row, so that a fork copies only
+/// the positions where its source and its destination differ.
+///
+/// Every committed position gets a fresh id; a copy carries the ids with the values. Two storage
+/// rows holding the same id at a position hold the same bits there, in every layer and head.
+/// Writes only ever go past the committed positions and a copy covers them all, so the positions
+/// where two rows agree are always a prefix. Beams share their history up to where they parted
+/// (and the whole prompt), so a fork mostly copies only the last few positions.
+#[derive(Debug, Clone, Default)]
+struct Origins {
+    /// `ids[slot][position]`, for the committed positions of every storage row.
+    ids: Vec<Vec<u64>>,
+    next: u64,
+}
+
+impl Origins {
+    /// Gives every storage row in `0..rows` fresh ids up to `positions` (ids already there stay).
+    fn extend(&mut self, rows: usize, positions: usize) {
+        self.ids.resize_with(rows.max(self.ids.len()), Vec::new);
+        for ids in &mut self.ids[..rows] {
+            ids.truncate(positions);
+            while ids.len() < positions {
+                ids.push(self.next);
+                self.next += 1;
+            }
+        }
+    }
+
+    /// How many leading positions storage rows `a` and `b` hold the same values at.
+    fn shared(&self, a: usize, b: usize) -> usize {
+        match (self.ids.get(a), self.ids.get(b)) {
+            (Some(a), Some(b)) => a.iter().zip(b).take_while(|(x, y)| x == y).count(),
+            _ => 0,
+        }
+    }
+
+    /// Records that storage row `to` now holds what `from` does.
+    fn copy(&mut self, from: usize, to: usize) {
+        let ids = self.ids.get(from).cloned().unwrap_or_default();
+        if to >= self.ids.len() {
+            self.ids.resize_with(to + 1, Vec::new);
+        }
+        self.ids[to] = ids;
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +250,7 @@ impl KvCache {
             seq_len: 0,
             rows: 0,
             slots: Vec::new(),
+            origins: Origins::default(),
             capacity,
             n_head,
             head_dim,
@@ -229,6 +278,7 @@ impl KvCache {
     /// Records that every row now holds `positions` positions (after a forward pass wrote them).
     pub(crate) fn commit(&mut self, positions: usize) {
         debug_assert!(positions <= self.capacity);
+        self.origins.extend(self.rows, positions);
         self.seq_len = positions;
     }
 
@@ -318,13 +368,15 @@ impl KvCache {
         if self.seq_len == 0 {
             // Nothing cached: any storage row will do.
             self.slots = (0..rows).collect();
+            self.origins.ids.clear();
         } else if rows < self.rows {
             // Keep the first `rows` sequences, in storage rows `0..rows`.
             let first: Vec<u32> = (0..rows as u32).collect();
             self.permute(&first);
         } else {
-            // New sequences take the new storage rows.
+            // New sequences take the new storage rows, sharing nothing with the others.
             self.slots.extend(self.rows..rows);
+            self.origins.extend(rows, self.seq_len);
         }
         let needed = rows * self.row_len();
         for layer in &mut self.layers {
@@ -396,11 +448,18 @@ impl KvCache {
             }
         }
         let needed = new_rows * self.row_len();
-        let (used, block, n_head) = (
+        let (used, block, n_head, head_dim) = (
             self.seq_len * self.head_dim,
             self.capacity * self.head_dim,
             self.n_head,
+            self.head_dim,
         );
+        // Sources and destinations are disjoint (kept rows, free rows), so each copy's shared
+        // prefix can be read before any of them.
+        let copies: Vec<(usize, usize, usize)> = copies
+            .into_iter()
+            .map(|(from, to)| (from, to, self.origins.shared(from, to) * head_dim))
+            .collect();
         let row_len = self.row_len();
         for layer in &mut self.layers {
             for buffer in [&mut layer.k, &mut layer.v] {
@@ -408,10 +467,13 @@ impl KvCache {
                     if values.len() < storage_rows * row_len {
                         values.resize(storage_rows * row_len, Default::default());
                     }
-                    for &(from, to) in &copies {
+                    for &(from, to, same) in &copies {
                         for head in 0..n_head {
                             let at = from * row_len + head * block;
-                            values.copy_within(at..at + used, to * row_len + head * block);
+                            values.copy_within(
+                                at + same..at + used,
+                                to * row_len + head * block + same,
+                            );
                         }
                     }
                     if new_rows < old_rows {
@@ -422,6 +484,10 @@ impl KvCache {
                 });
             }
         }
+        for &(from, to, _) in &copies {
+            self.origins.copy(from, to);
+        }
+        self.origins.ids.truncate(new_rows);
         self.slots = slots.into_iter().map(Option::unwrap_or_default).collect();
         self.rows = new_rows;
     }
@@ -462,7 +528,7 @@ mod tests {
         let (n_head, head_dim) = (3, 4);
         let mut cache = KvCache::new(2, n_head, head_dim, seq_len + 2, format);
         cache.prepare(rows, seq_len);
-        cache.seq_len = seq_len;
+        cache.commit(seq_len);
         let offsets: Vec<(usize, usize, usize, usize)> = (0..rows)
             .flat_map(|row| (0..n_head).map(move |head| (row, head)))
             .flat_map(|(row, head)| (0..seq_len).map(move |p| (row, head, p)))
@@ -551,6 +617,57 @@ mod tests {
             assert_rows(&cache, &[3, 3, 4]);
             cache.reorder(&[2, 1, 2, 0, 2, 2]).unwrap();
             assert_rows(&cache, &[4, 3, 4, 3, 4, 4]);
+        }
+    }
+
+    #[test]
+    fn forks_copy_only_where_rows_differ_and_end_up_whole() {
+        for format in [KvFormat::F32, KvFormat::F16] {
+            // Three positions of one row, forked into three rows that then each write a fourth
+            // position of their own (labelled as rows 3, 4 and 5).
+            let mut cache = labelled(1, 3, format);
+            cache.reorder(&[0, 0, 0]).unwrap();
+            cache.prepare(3, 4);
+            for layer in 0..2 {
+                let (n_head, d) = (cache.n_head, cache.head_dim);
+                let mut rows = [Vec::new(), Vec::new()];
+                for row in 0..3 {
+                    for (kind, values) in rows.iter_mut().enumerate() {
+                        *values = (0..n_head * d)
+                            .map(|i| label(layer, kind, 3 + row, i / d, 3, i % d))
+                            .collect();
+                    }
+                    cache.store(layer, row, 3, &rows[0], &rows[1]);
+                }
+            }
+            cache.commit(4);
+            let slot = |cache: &KvCache, row: usize| cache.slots[row];
+            assert_eq!(cache.origins.shared(slot(&cache, 1), slot(&cache, 2)), 3);
+
+            // Row 1 takes row 2's history: only its fourth position needs copying.
+            cache.reorder(&[2, 2, 0]).unwrap();
+            assert_eq!(cache.origins.shared(slot(&cache, 0), slot(&cache, 1)), 4);
+            assert_eq!(cache.origins.shared(slot(&cache, 0), slot(&cache, 2)), 3);
+            for (row, fourth) in [(0, 5), (1, 5), (2, 3)] {
+                for (layer_index, layer) in cache.layers.iter().enumerate() {
+                    for (kind, buffer) in [&layer.k, &layer.v].into_iter().enumerate() {
+                        for head in 0..cache.n_head {
+                            for position in 0..4 {
+                                let mut got = Vec::new();
+                                let at = cache.offset(row, head, position);
+                                buffer.read_into(at, cache.head_dim, &mut got);
+                                let from = if position < 3 { 0 } else { fourth };
+                                let want: Vec<f32> = (0..cache.head_dim)
+                                    .map(|lane| {
+                                        label(layer_index, kind, from, head, position, lane)
+                                    })
+                                    .collect();
+                                assert_eq!(got, want, "row {row}, position {position}");
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
