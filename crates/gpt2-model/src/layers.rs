@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::attention::Attention;
-use crate::kernels::activation;
+use crate::kernels::{self, activation};
 use crate::linear::Conv1D;
 use crate::weights::NamedTensors;
 use crate::{Activation, Gpt2Config, KvCache, ModelError};
@@ -31,7 +31,38 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        candle_nn::ops::layer_norm(&xs.contiguous()?, &self.weight, &self.bias, self.eps)
+        use candle_core::{CpuStorage::F32, Storage::Cpu};
+        let xs = xs.contiguous()?;
+        let out = {
+            let (storage, layout) = xs.storage_and_layout();
+            let (weight, weight_layout) = self.weight.storage_and_layout();
+            let (bias, bias_layout) = self.bias.storage_and_layout();
+            match (
+                (&*storage, layout.contiguous_offsets()),
+                (&*weight, weight_layout.contiguous_offsets()),
+                (&*bias, bias_layout.contiguous_offsets()),
+            ) {
+                (
+                    (Cpu(F32(data)), Some((start, end))),
+                    (Cpu(F32(weight)), Some((w_start, w_end))),
+                    (Cpu(F32(bias)), Some((b_start, b_end))),
+                ) if xs.dims().last() == Some(&(w_end - w_start))
+                    && w_end - w_start == b_end - b_start =>
+                {
+                    Some(kernels::layer_norm::layer_norm(
+                        &data[start..end],
+                        &weight[w_start..w_end],
+                        &bias[b_start..b_end],
+                        self.eps,
+                    ))
+                }
+                _ => None,
+            }
+        };
+        match out {
+            Some(out) => Tensor::from_vec(out, xs.shape(), xs.device()),
+            None => candle_nn::ops::layer_norm(&xs, &self.weight, &self.bias, self.eps),
+        }
     }
 }
 

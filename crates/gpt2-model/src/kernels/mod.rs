@@ -11,6 +11,7 @@
 //! | `attention.rs` | one query per head over its cached keys and values (a decode step) |
 //! | `causal_attention.rs` | a prefill chunk's queries per head, each to its own position |
 //! | `activation.rs` | `gelu_new` without libm |
+//! | `layer_norm.rs` | layer norm with candle's arithmetic, on the caller's thread for a few rows |
 //!
 //! Every family follows one pattern: a safe `*_with(isa, …)` entry point checks the slice
 //! lengths its SIMD bodies rely on and runs the body compiled for that [`Isa`] (falling back to
@@ -23,6 +24,7 @@ pub(crate) mod attention;
 pub(crate) mod bf16;
 pub(crate) mod causal_attention;
 pub(crate) mod gemm_f32;
+pub(crate) mod layer_norm;
 pub(crate) mod matmul_f32;
 pub(crate) mod panel_f32;
 pub(crate) mod q8_0;
