@@ -5,6 +5,8 @@
 use candle_core::Tensor;
 use rayon::prelude::*;
 
+use half::f16;
+
 use crate::cache::{KvBuffer, KvElement};
 use crate::kernels::attention::attend;
 use crate::kernels::causal_attention::attend_causal;
@@ -261,54 +263,39 @@ impl Attention {
     ) -> Vec<f32> {
         let n_embd = self.n_head * self.head_dim;
         let mut out = vec![0.0f32; rows * n_embd];
+        self.attend_caches(qkv, caches, layer, &mut out);
+        out
+    }
+
+    /// [`Self::decode_attention`] into `out`: one pass when the caches share a format, else one
+    /// per cache.
+    fn attend_caches(&self, qkv: &[f32], caches: &[&KvCache], layer: usize, out: &mut [f32]) {
         // Each row's cache and its row there.
         let owners: Vec<(usize, usize)> = caches
             .iter()
             .enumerate()
             .flat_map(|(i, cache)| (0..cache.rows()).map(move |r| (i, r)))
             .collect();
-        debug_assert_eq!(owners.len(), rows);
-        let f32_buffers: Option<Vec<_>> = caches
-            .iter()
-            .map(|cache| match cache.buffers(layer) {
-                (KvBuffer::F32(k), KvBuffer::F32(v)) => Some((k.as_slice(), v.as_slice())),
-                _ => None,
-            })
-            .collect();
-        let f16_buffers: Option<Vec<_>> = caches
-            .iter()
-            .map(|cache| match cache.buffers(layer) {
-                (KvBuffer::F16(k), KvBuffer::F16(v)) => Some((k.as_slice(), v.as_slice())),
-                _ => None,
-            })
-            .collect();
-        if let Some(buffers) = f32_buffers {
-            self.attend_rows(qkv, caches, &buffers, &owners, &mut out);
-        } else if let Some(buffers) = f16_buffers {
-            self.attend_rows(qkv, caches, &buffers, &owners, &mut out);
+        if let Some(buffers) = layer_buffers::<f32>(caches, layer) {
+            self.attend_rows(qkv, caches, &buffers, &owners, out);
+        } else if let Some(buffers) = layer_buffers::<f16>(caches, layer) {
+            self.attend_rows(qkv, caches, &buffers, &owners, out);
         } else {
-            // Caches of both formats in one step: one pass per cache.
+            // Caches of both formats: one pass per cache (one cache is always one format).
+            assert!(caches.len() > 1, "a cache's buffers share its format");
+            let n_embd = self.n_head * self.head_dim;
             let mut first = 0;
             for cache in caches {
                 let count = cache.rows();
-                let (qkv, out) = (
+                self.attend_caches(
                     &qkv[first * 3 * n_embd..(first + count) * 3 * n_embd],
+                    &[cache],
+                    layer,
                     &mut out[first * n_embd..(first + count) * n_embd],
                 );
-                let owners: Vec<(usize, usize)> = (0..count).map(|r| (0, r)).collect();
-                match cache.buffers(layer) {
-                    (KvBuffer::F32(k), KvBuffer::F32(v)) => {
-                        self.attend_rows(qkv, &[cache], &[(k, v)], &owners, out)
-                    }
-                    (KvBuffer::F16(k), KvBuffer::F16(v)) => {
-                        self.attend_rows(qkv, &[cache], &[(k, v)], &owners, out)
-                    }
-                    _ => unreachable!("a cache's buffers share its format"),
-                }
                 first += count;
             }
         }
-        out
     }
 
     /// Every (row, head) of a decode step, in parallel: `qkv` is the step's `(rows, 3·n_embd)`
@@ -345,4 +332,18 @@ impl Attention {
                 );
             });
     }
+}
+
+/// Every cache's keys and values of `layer` when all of them hold `T`.
+fn layer_buffers<'a, T: KvElement>(
+    caches: &[&'a KvCache],
+    layer: usize,
+) -> Option<Vec<(&'a [T], &'a [T])>> {
+    caches
+        .iter()
+        .map(|cache| {
+            let (keys, values) = cache.buffers(layer);
+            Some((T::in_buffer(keys)?, T::in_buffer(values)?))
+        })
+        .collect()
 }

@@ -124,6 +124,9 @@ pub(crate) trait KvElement: Copy + Default + Send + Sync {
     /// The slice itself when it already holds f32 (so a kernel reads it without a copy).
     fn as_f32_slice(values: &[Self]) -> Option<&[f32]>;
 
+    /// The buffer's values when it holds this type.
+    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]>;
+
     /// `len` zeros from a zeroed allocation (`calloc`), whose pages the kernel faults in as they
     /// are first written instead of all at once.
     fn zeroed(len: usize) -> Vec<Self>;
@@ -141,6 +144,13 @@ impl KvElement for f32 {
         Some(values)
     }
 
+    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]> {
+        match buffer {
+            KvBuffer::F32(values) => Some(values),
+            KvBuffer::F16(_) => None,
+        }
+    }
+
     fn zeroed(len: usize) -> Vec<Self> {
         vec![0.0; len]
     }
@@ -156,6 +166,13 @@ impl KvElement for f16 {
 
     fn as_f32_slice(_: &[Self]) -> Option<&[f32]> {
         None
+    }
+
+    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]> {
+        match buffer {
+            KvBuffer::F16(values) => Some(values),
+            KvBuffer::F32(_) => None,
+        }
     }
 
     fn zeroed(len: usize) -> Vec<Self> {

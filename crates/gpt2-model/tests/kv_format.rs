@@ -6,6 +6,10 @@ use std::path::Path;
 use candle_core::{Device, Tensor};
 use gpt2_model::{Gpt2Model, KvFormat, LogitsFor};
 
+mod support;
+
+use support::prefilled;
+
 fn load(name: &str) -> Gpt2Model {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../fixtures/models")
@@ -111,17 +115,6 @@ fn kv_cache_bytes_bounds_what_a_generation_allocates() {
 fn a_step_over_caches_of_both_formats_answers_each_as_alone() {
     let f32_model = Gpt2Model::demo();
     let f16_model = Gpt2Model::demo().with_kv_format(KvFormat::F16);
-    let prefilled = |model: &Gpt2Model, prompt: &[u32], rows: usize| {
-        let mut cache = model.new_cache_with_capacity(16);
-        let input = Tensor::new(prompt, &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap()
-            .repeat((rows, 1))
-            .unwrap();
-        model.forward(&input, &mut cache, LogitsFor::Last).unwrap();
-        cache
-    };
     let (mut a, mut b) = (
         prefilled(&f32_model, &[5, 17, 300], 2),
         prefilled(&f16_model, &[9, 1000, 44, 2], 1),
