@@ -39,7 +39,7 @@ impl std::str::FromStr for KvFormat {
 /// [`KvCache::reorder`] (one prompt forked into several return sequences, beams after a step)
 /// renames storage rows instead of moving them: only a row taken by a second sequence (a fork)
 /// is copied, and only its positions in use that differ from what the row it lands in holds
-/// (see [`Origins`]).
+/// (each position remembers which write produced it).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<LayerCache>,
