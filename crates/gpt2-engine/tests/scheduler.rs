@@ -35,17 +35,38 @@ async fn answers_as_alone(engine: &Engine, requests: Vec<GenerationRequest>) {
     }
 }
 
+/// An engine with 64-token prompt chunks, and a stream of `request` on it that is decoding (its
+/// first token came).
+async fn engine_with_a_running_stream(
+    request: GenerationRequest,
+) -> (Engine, std::thread::JoinHandle<()>, EngineStream) {
+    let config = EngineConfig {
+        prefill_chunk_tokens: 64,
+        ..EngineConfig::default()
+    };
+    let (engine, thread) = Engine::start(Pipeline::demo(), config).unwrap();
+    let mut running = engine.stream(request).await.unwrap();
+    assert!(matches!(
+        next_event(&mut running).await,
+        Some(Ok(GenerationEvent::Token(_)))
+    ));
+    (engine, thread, running)
+}
+
+/// The most prompt tokens a running stream waited for at once.
+fn max_stall(engine: &Engine) -> u64 {
+    engine
+        .stats()
+        .max_prefill_stall_tokens
+        .load(Ordering::Relaxed)
+}
+
 fn long_prompt() -> String {
     "The quick brown fox jumps over the lazy dog. ".repeat(60)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_prompt_is_prefilled_between_the_steps_of_running_streams() {
-    let config = EngineConfig {
-        prefill_chunk_tokens: 64,
-        ..EngineConfig::default()
-    };
-    let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
     // Long enough to be still decoding however slowly the long request is admitted (a stream
     // that ended first would leave the prefill nothing to stall).
     let short = GenerationRequest::builder("Once")
@@ -54,12 +75,7 @@ async fn a_long_prompt_is_prefilled_between_the_steps_of_running_streams() {
         .num_return_sequences(1)
         .build()
         .unwrap();
-    let mut running = engine.stream(short).await.unwrap();
-    // The short stream is decoding.
-    assert!(matches!(
-        next_event(&mut running).await,
-        Some(Ok(GenerationEvent::Token(_)))
-    ));
+    let (engine, _thread, mut running) = engine_with_a_running_stream(short).await;
     let long = GenerationRequest::builder(long_prompt())
         .mode(Mode::Greedy)
         .max_new_tokens(5)
@@ -79,10 +95,7 @@ async fn a_long_prompt_is_prefilled_between_the_steps_of_running_streams() {
     ));
     // The running stream waited for one chunk of at most 64 tokens at a time (sized below that
     // cap by measurement), not for the whole prompt.
-    let stall = engine
-        .stats()
-        .max_prefill_stall_tokens
-        .load(Ordering::Relaxed);
+    let stall = max_stall(&engine);
     assert!(
         (1..=64).contains(&stall),
         "the running stream waited for {stall} prompt tokens at once ({prompt_tokens} in all)"
@@ -128,11 +141,6 @@ async fn chunked_prefill_and_a_row_budget_change_no_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
-    let config = EngineConfig {
-        prefill_chunk_tokens: 64,
-        ..EngineConfig::default()
-    };
-    let (engine, _thread) = Engine::start(Pipeline::demo(), config).unwrap();
     // 16 rows decoding keep each step long enough for the burst to queue up behind one.
     let busy = GenerationRequest::builder("Once")
         .mode(Mode::Sample)
@@ -141,11 +149,7 @@ async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
         .num_return_sequences(16)
         .build()
         .unwrap();
-    let mut running = engine.stream(busy).await.unwrap();
-    assert!(matches!(
-        next_event(&mut running).await,
-        Some(Ok(GenerationEvent::Token(_)))
-    ));
+    let (engine, _thread, mut running) = engine_with_a_running_stream(busy).await;
     // Short prompts and one longer than the chunk budget, which takes several steps.
     let requests: Vec<GenerationRequest> = (0..8u64)
         .map(|i| {
@@ -169,10 +173,7 @@ async fn a_burst_of_prompts_starts_together_beside_the_running_steps() {
         "at most {together} prompt(s) ran in one step's pass"
     );
     // The running stream waited for at most one budget of prompt tokens per step.
-    let stall = engine
-        .stats()
-        .max_prefill_stall_tokens
-        .load(Ordering::Relaxed);
+    let stall = max_stall(&engine);
     assert!((1..=64).contains(&stall), "{stall}");
     assert!(matches!(
         next_event(&mut running).await,

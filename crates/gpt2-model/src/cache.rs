@@ -427,8 +427,8 @@ impl KvCache {
     /// [`Self::reorder`] on checked `rows`: sequence `i` takes the storage row of sequence
     /// `rows[i]` when it is the first to ask for it, which copies nothing; a later one (a fork)
     /// gets a storage row nobody reads any more and a copy of the positions in use where that
-    /// row held something else ([`Origins`]). Storage rows
-    /// stay `0..rows.len()`, so that the buffers shrink when sequences leave.
+    /// row held something else ([`Origins`]). Storage rows stay `0..rows.len()`, so that the
+    /// buffers shrink when sequences leave.
     ///
     /// Copying rows into place instead (staged, then written) moved every row whose beam
     /// changed, twice; renaming copies each forked row once, and a permutation without forks

@@ -599,7 +599,8 @@ fn store<const RG: usize, const CG: usize>(
 /// and reloads. An `asm!` block cannot be reordered that way, and the same instruction gives the
 /// same sums. 3 interleaved rounds, 2-vCPU EPYC: `q8_0_throughput`'s (3072, 768) × 16 rows
 /// 0.177–0.326 → 0.148–0.192 ms; a 48-row step of the 124M model (16 caches of 3 rows)
-/// 52–58 → 46–53 ms. Six rows per group instead of four measured the same.
+/// 52–58 → 46–53 ms. (With this, groups of up to six rows then helped a 5-beam step; at 48
+/// rows they measured the same as four.)
 ///
 /// # Safety
 /// The CPU has AVX-512 VNNI; `x` points to 4 readable bytes.
