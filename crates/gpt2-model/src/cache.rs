@@ -275,6 +275,19 @@ impl KvCache {
         }
     }
 
+    /// How many leading committed positions every row holds the same keys and values at: the
+    /// prompt the rows were forked from, and the history beams share. 0 for fewer than two rows.
+    pub(crate) fn shared_prefix(&self) -> usize {
+        if self.rows < 2 {
+            return 0;
+        }
+        (1..self.rows)
+            .map(|r| self.origins.shared(self.slots[0], self.slots[r]))
+            .min()
+            .unwrap_or(0)
+            .min(self.seq_len)
+    }
+
     /// Number of positions cached per sequence.
     pub fn seq_len(&self) -> usize {
         self.seq_len

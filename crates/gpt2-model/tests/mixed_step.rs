@@ -2,11 +2,11 @@
 //! the bits of the separate calls, in every weight and KV storage format.
 
 use candle_core::{Device, Tensor};
-use gpt2_model::{Gpt2Model, KvCache, KvFormat, LogitsFor, PromptChunk, WeightFormat};
+use gpt2_model::{Gpt2Model, KvCache, LogitsFor, PromptChunk, WeightFormat};
 
 mod support;
 
-use support::prefilled;
+use support::{demo_in_every_storage, prefilled};
 
 /// One chunk per `(past, tokens, logits)` of `plan`, each continuing its cache in `caches`.
 fn prompt_chunks<'a>(
@@ -29,66 +29,60 @@ fn values(t: &Tensor) -> Vec<f32> {
 
 #[test]
 fn a_mixed_pass_gives_the_bits_of_separate_calls() {
-    for format in [WeightFormat::F32, WeightFormat::Q8_0, WeightFormat::Bf16] {
-        for kv in [KvFormat::F32, KvFormat::F16] {
-            let model = Gpt2Model::demo()
-                .with_weight_format(format)
+    for (storage, model) in demo_in_every_storage() {
+        let tokens = [7u32, 8, 9, 10];
+        for (chunk, logits_for) in [
+            (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::Last),
+            (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::All),
+            (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::None),
+            (vec![3u32], LogitsFor::Last),
+        ] {
+            let chunk = Tensor::new(chunk.as_slice(), &Device::Cpu)
                 .unwrap()
-                .with_kv_format(kv);
-            let tokens = [7u32, 8, 9, 10];
-            for (chunk, logits_for) in [
-                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::Last),
-                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::All),
-                (vec![5u32, 17, 300, 2, 9, 1000, 44], LogitsFor::None),
-                (vec![3u32], LogitsFor::Last),
-            ] {
-                let chunk = Tensor::new(chunk.as_slice(), &Device::Cpu)
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap();
-                let label = format!("{format:?} weights, {kv:?} cache, {chunk:?}, {logits_for:?}");
-                // Separately: the step over two caches (1 and 3 rows), then the chunk continuing
-                // a third cache; then one more step over all three.
-                let (mut a, mut b) = (
-                    prefilled(&model, &[1, 2, 3], 1),
-                    prefilled(&model, &[4, 5], 3),
-                );
-                let mut c = prefilled(&model, &[6, 6, 6, 6], 1);
-                let step = model.forward_step(&tokens, &mut [&mut a, &mut b]).unwrap();
-                let chunk_logits = model.forward(&chunk, &mut c, logits_for).unwrap();
-                let then = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a, &mut b, &mut c]);
-                // Together.
-                let (mut a2, mut b2) = (
-                    prefilled(&model, &[1, 2, 3], 1),
-                    prefilled(&model, &[4, 5], 3),
-                );
-                let mut c2 = prefilled(&model, &[6, 6, 6, 6], 1);
-                let (step2, chunk_logits2) = model
-                    .forward_mixed(
-                        (&tokens, &mut [&mut a2, &mut b2]),
-                        &mut [PromptChunk {
-                            tokens: &chunk,
-                            cache: &mut c2,
-                            logits_for,
-                        }],
-                    )
-                    .unwrap();
-                assert_eq!(chunk_logits2.len(), 1, "{label}");
-                let chunk_logits2 = &chunk_logits2[0];
-                let then2 = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a2, &mut b2, &mut c2]);
-                assert!(step == step2, "{label}: step logits differ");
-                assert_eq!(chunk_logits.dims(), chunk_logits2.dims(), "{label}");
-                assert!(
-                    values(&chunk_logits) == values(chunk_logits2),
-                    "{label}: chunk logits differ"
-                );
-                // The caches the two passes left behind decode alike.
-                assert!(
-                    then.unwrap() == then2.unwrap(),
-                    "{label}: the caches differ"
-                );
-                assert_eq!(c2.seq_len(), c.seq_len(), "{label}");
-            }
+                .unsqueeze(0)
+                .unwrap();
+            let label = format!("{storage}, {chunk:?}, {logits_for:?}");
+            // Separately: the step over two caches (1 and 3 rows), then the chunk continuing
+            // a third cache; then one more step over all three.
+            let (mut a, mut b) = (
+                prefilled(&model, &[1, 2, 3], 1),
+                prefilled(&model, &[4, 5], 3),
+            );
+            let mut c = prefilled(&model, &[6, 6, 6, 6], 1);
+            let step = model.forward_step(&tokens, &mut [&mut a, &mut b]).unwrap();
+            let chunk_logits = model.forward(&chunk, &mut c, logits_for).unwrap();
+            let then = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a, &mut b, &mut c]);
+            // Together.
+            let (mut a2, mut b2) = (
+                prefilled(&model, &[1, 2, 3], 1),
+                prefilled(&model, &[4, 5], 3),
+            );
+            let mut c2 = prefilled(&model, &[6, 6, 6, 6], 1);
+            let (step2, chunk_logits2) = model
+                .forward_mixed(
+                    (&tokens, &mut [&mut a2, &mut b2]),
+                    &mut [PromptChunk {
+                        tokens: &chunk,
+                        cache: &mut c2,
+                        logits_for,
+                    }],
+                )
+                .unwrap();
+            assert_eq!(chunk_logits2.len(), 1, "{label}");
+            let chunk_logits2 = &chunk_logits2[0];
+            let then2 = model.forward_step(&[1, 2, 3, 4, 5], &mut [&mut a2, &mut b2, &mut c2]);
+            assert!(step == step2, "{label}: step logits differ");
+            assert_eq!(chunk_logits.dims(), chunk_logits2.dims(), "{label}");
+            assert!(
+                values(&chunk_logits) == values(chunk_logits2),
+                "{label}: chunk logits differ"
+            );
+            // The caches the two passes left behind decode alike.
+            assert!(
+                then.unwrap() == then2.unwrap(),
+                "{label}: the caches differ"
+            );
+            assert_eq!(c2.seq_len(), c.seq_len(), "{label}");
         }
     }
 }

@@ -21,6 +21,22 @@ const AHEAD: usize = 8;
 #[cfg(target_arch = "x86_64")]
 const FAR_AHEAD: usize = 32;
 
+/// Asks the first [`FAR_AHEAD`] positions of one head's `keys` and `values` (`d` per position)
+/// into L2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn prefetch_start<T: KvElement>(keys: &[T], values: &[T], d: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+    let bytes = std::mem::size_of_val(keys).min(FAR_AHEAD * d * std::mem::size_of::<T>());
+    for line in (0..bytes).step_by(64) {
+        // SAFETY: a prefetch never faults, whatever the address.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(keys.as_ptr().cast::<i8>().wrapping_add(line));
+            _mm_prefetch::<_MM_HINT_T1>(values.as_ptr().cast::<i8>().wrapping_add(line));
+        }
+    }
+}
+
 /// Adds `softmax(q · keysᵀ · scale) · values` to `out`: `q` and `out` are one head
 /// (`head_dim` floats), `keys` and `values` hold the same number of positions of `head_dim`.
 pub(crate) fn attend<T: KvElement>(
@@ -45,30 +61,104 @@ pub(crate) fn attend_with<T: KvElement>(
     scale: f32,
     out: &mut [f32],
 ) {
+    attend_runs_with(isa, q, &[(keys, values)], scale, out)
+}
+
+/// [`attend_with`] over positions held in several runs, `(keys, values)` each, in order: the
+/// same bits as over one buffer holding them all.
+///
+/// Panics unless `out` is as long as `q`, each run's `keys` and `values` hold the same whole
+/// number of positions, and the runs hold at least one in all.
+fn attend_runs_with<T: KvElement>(
+    isa: Isa,
+    q: &[f32],
+    runs: &[(&[T], &[T])],
+    scale: f32,
+    out: &mut [f32],
+) {
     let d = q.len();
     assert!(
         d > 0
             && out.len() == d
-            && keys.len() == values.len()
-            && !keys.is_empty()
-            && keys.len().is_multiple_of(d),
-        "decode attention: head of {d}, {} keys, {} values, output of {}",
-        keys.len(),
-        values.len(),
+            && runs.iter().any(|(keys, _)| !keys.is_empty())
+            && runs
+                .iter()
+                .all(|(keys, values)| keys.len() == values.len() && keys.len().is_multiple_of(d)),
+        "decode attention: head of {d}, runs of {:?} keys and {:?} values, output of {}",
+        runs.iter().map(|(keys, _)| keys.len()).collect::<Vec<_>>(),
+        runs.iter()
+            .map(|(_, values)| values.len())
+            .collect::<Vec<_>>(),
         out.len()
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 if isa.is_supported() && d.is_multiple_of(16) && d / 16 <= MAX_VECTORS => {
             // SAFETY: the CPU has the features; the lengths were checked above.
-            unsafe { attend_avx512(q, keys, values, scale, out) }
+            unsafe { attend_avx512(q, runs, scale, out) }
         }
         #[cfg(target_arch = "x86_64")]
         Isa::Avx512 | Isa::Avx2 if Isa::Avx2.is_supported() => {
             // SAFETY: the CPU has the features this function is compiled for.
-            unsafe { attend_avx2(q, keys, values, scale, out) }
+            unsafe { attend_avx2(q, runs, scale, out) }
         }
-        _ => attend_portable(q, keys, values, scale, out),
+        _ => attend_portable(q, runs, scale, out),
+    }
+}
+
+/// [`attend_sharing_with`] on the body compiled for the active [`Isa`].
+pub(crate) fn attend_sharing<T: KvElement>(
+    queries: &[&[f32]],
+    histories: &[(&[T], &[T])],
+    shared: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    attend_sharing_with(Isa::active(), queries, histories, shared, scale, out)
+}
+
+/// One head of several rows, each row's keys and values in `histories` (the same number of
+/// positions for all), whose first `shared` positions hold the same keys and values in every
+/// row: the beams of a beam search after a fork, or the sequences that share a prompt. Adds row
+/// `r`'s attention to `out[r·d..(r + 1)·d]`, with the bits [`attend_with`] gives that row alone.
+///
+/// Every row reads the shared positions from the first row's buffers, which the first row has
+/// just brought into cache, and only its own positions from memory.
+///
+/// Panics unless there is one history per query, `out` holds a head per row, `shared` does not
+/// pass the positions, and each history is as [`attend_with`] wants.
+pub(crate) fn attend_sharing_with<T: KvElement>(
+    isa: Isa,
+    queries: &[&[f32]],
+    histories: &[(&[T], &[T])],
+    shared: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let d = queries.first().map_or(0, |q| q.len());
+    let positions = histories
+        .first()
+        .map_or(0, |(keys, _)| keys.len() / d.max(1));
+    assert!(
+        histories.len() == queries.len()
+            && out.len() == queries.len() * d
+            && shared <= positions
+            && histories.iter().all(|(keys, values)| {
+                keys.len() == positions * d && values.len() == keys.len()
+            }),
+        "shared decode attention: {} queries of {d}, {} histories, output of {}, {shared} of \
+         {positions} positions shared",
+        queries.len(),
+        histories.len(),
+        out.len()
+    );
+    let Some(&(first_keys, first_values)) = histories.first() else {
+        return;
+    };
+    let prefix = (&first_keys[..shared * d], &first_values[..shared * d]);
+    for ((q, (keys, values)), out) in queries.iter().zip(histories).zip(out.chunks_mut(d)) {
+        let own = (&keys[shared * d..], &values[shared * d..]);
+        attend_runs_with(isa, q, &[prefix, own], scale, out);
     }
 }
 
@@ -77,22 +167,24 @@ pub(crate) fn attend_with<T: KvElement>(
 /// their dependent adds overlap. Fused multiply-adds make it differ from the portable path in the
 /// last bits, the same for every row of a batch.
 ///
+/// The positions come in runs (see [`attend_runs_with`]), each scored and weighted in turn.
+///
 /// # Safety
 /// The CPU supports AVX-512 F; `q.len()` is a multiple of 16 of at most `16 · MAX_VECTORS`,
-/// `out.len() == q.len()`, and `keys` and `values` hold the same whole number of positions.
+/// `out.len() == q.len()`, and each run's `keys` and `values` hold the same whole number of
+/// positions, at least one in all.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn attend_avx512<T: KvElement>(
     q: &[f32],
-    keys: &[T],
-    values: &[T],
+    runs: &[(&[T], &[T])],
     scale: f32,
     out: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let d = q.len();
     let vectors = d / 16;
-    let positions = keys.len() / d;
+    let positions: usize = runs.iter().map(|(keys, _)| keys.len() / d).sum();
     let mut query = [_mm512_setzero_ps(); MAX_VECTORS];
     for (c, v) in query.iter_mut().take(vectors).enumerate() {
         // SAFETY: `c · 16 + 16 ≤ d = q.len()`.
@@ -111,7 +203,6 @@ unsafe fn attend_avx512<T: KvElement>(
             }
         }
     };
-    let key = |p: usize, c: usize| load(keys, p * d + c * 16);
     // Fetches position `p`'s values (read after the softmax) and the keys `AHEAD` positions on
     // while the keys are scored: each (row, head) is a short stream of its own (14 KB of keys
     // at 55 positions), too short for the hardware prefetcher to ramp up. A 16-client step's
@@ -126,48 +217,58 @@ unsafe fn attend_avx512<T: KvElement>(
     // 6.2–6.8 → 4.9–6.1 at 24, 13.9–16.9 → 13.7–14.4 at 99 (asking for all the values at the
     // start did as well at 55 and worse at 99). With every (row, head) reading buffers that stay
     // in L2, the step took 3.4–3.7 ms at 55: the rest is still waiting on memory.
+    //
+    // Every run's start is asked for at once: a row that shares its first positions with others
+    // reads them where another row has just brought them into cache, and only its own last
+    // positions, a short run, from memory.
     let bytes = d * std::mem::size_of::<T>();
     let line_at = |from: &[T], offset: usize| from.as_ptr().cast::<i8>().wrapping_add(offset);
-    for line in (0..positions.min(FAR_AHEAD) * bytes).step_by(64) {
-        _mm_prefetch::<_MM_HINT_T1>(line_at(keys, line));
-        _mm_prefetch::<_MM_HINT_T1>(line_at(values, line));
+    for &(keys, values) in runs {
+        prefetch_start(keys, values, d);
     }
-    let prefetch = |p: usize| {
-        for line in (0..bytes).step_by(64) {
-            // A prefetch never faults, whatever the address.
-            _mm_prefetch::<_MM_HINT_T0>(line_at(values, p * bytes + line));
-            if p + AHEAD < positions {
-                _mm_prefetch::<_MM_HINT_T0>(line_at(keys, (p + AHEAD) * bytes + line));
-            }
-            if p + FAR_AHEAD < positions {
-                _mm_prefetch::<_MM_HINT_T1>(line_at(keys, (p + FAR_AHEAD) * bytes + line));
-            }
-        }
-    };
     let mut scores = vec![0.0f32; positions];
-    let mut p = 0;
-    while p + 4 <= positions {
-        for i in 0..4 {
-            prefetch(p + i);
-        }
-        let mut acc = [_mm512_setzero_ps(); 4];
-        for (c, q) in query.iter().take(vectors).enumerate() {
-            for (i, acc) in acc.iter_mut().enumerate() {
-                *acc = _mm512_fmadd_ps(*q, key(p + i, c), *acc);
+    let mut first = 0;
+    for &(keys, values) in runs {
+        let count = keys.len() / d;
+        let key = |p: usize, c: usize| load(keys, p * d + c * 16);
+        let prefetch = |p: usize| {
+            for line in (0..bytes).step_by(64) {
+                // A prefetch never faults, whatever the address.
+                _mm_prefetch::<_MM_HINT_T0>(line_at(values, p * bytes + line));
+                if p + AHEAD < count {
+                    _mm_prefetch::<_MM_HINT_T0>(line_at(keys, (p + AHEAD) * bytes + line));
+                }
+                if p + FAR_AHEAD < count {
+                    _mm_prefetch::<_MM_HINT_T1>(line_at(keys, (p + FAR_AHEAD) * bytes + line));
+                }
             }
+        };
+        let scores = &mut scores[first..first + count];
+        first += count;
+        let mut p = 0;
+        while p + 4 <= count {
+            for i in 0..4 {
+                prefetch(p + i);
+            }
+            let mut acc = [_mm512_setzero_ps(); 4];
+            for (c, q) in query.iter().take(vectors).enumerate() {
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(*q, key(p + i, c), *acc);
+                }
+            }
+            for (i, acc) in acc.iter().enumerate() {
+                scores[p + i] = _mm512_reduce_add_ps(*acc) * scale;
+            }
+            p += 4;
         }
-        for (i, acc) in acc.iter().enumerate() {
-            scores[p + i] = _mm512_reduce_add_ps(*acc) * scale;
+        for (p, score) in scores.iter_mut().enumerate().skip(p) {
+            prefetch(p);
+            let mut acc = _mm512_setzero_ps();
+            for (c, q) in query.iter().take(vectors).enumerate() {
+                acc = _mm512_fmadd_ps(*q, key(p, c), acc);
+            }
+            *score = _mm512_reduce_add_ps(acc) * scale;
         }
-        p += 4;
-    }
-    for (p, score) in scores.iter_mut().enumerate().skip(p) {
-        prefetch(p);
-        let mut acc = _mm512_setzero_ps();
-        for (c, q) in query.iter().take(vectors).enumerate() {
-            acc = _mm512_fmadd_ps(*q, key(p, c), acc);
-        }
-        *score = _mm512_reduce_add_ps(acc) * scale;
     }
     let total = softmax_numerators(&mut scores);
     let mut acc = [_mm512_setzero_ps(); MAX_VECTORS];
@@ -175,10 +276,13 @@ unsafe fn attend_avx512<T: KvElement>(
         // SAFETY: `c · 16 + 16 ≤ d = out.len()`.
         *acc = unsafe { _mm512_loadu_ps(out.as_ptr().add(c * 16)) };
     }
-    for (p, score) in scores.iter().enumerate() {
-        let weight = _mm512_set1_ps(score / total);
-        for (c, acc) in acc.iter_mut().take(vectors).enumerate() {
-            *acc = _mm512_fmadd_ps(weight, load(values, p * d + c * 16), *acc);
+    let mut scores = scores.iter();
+    for &(_, values) in runs {
+        for (p, score) in scores.by_ref().take(values.len() / d).enumerate() {
+            let weight = _mm512_set1_ps(score / total);
+            for (c, acc) in acc.iter_mut().take(vectors).enumerate() {
+                *acc = _mm512_fmadd_ps(weight, load(values, p * d + c * 16), *acc);
+            }
         }
     }
     for (c, acc) in acc.iter().take(vectors).enumerate() {
@@ -190,25 +294,32 @@ unsafe fn attend_avx512<T: KvElement>(
 /// The portable body compiled for AVX2 (wider vectors, the same bits: no contraction to FMA).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn attend_avx2<T: KvElement>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
-    attend_portable(q, keys, values, scale, out)
+fn attend_avx2<T: KvElement>(q: &[f32], runs: &[(&[T], &[T])], scale: f32, out: &mut [f32]) {
+    attend_portable(q, runs, scale, out)
 }
 
 /// The reference body, in plain loops that LLVM vectorizes at the caller's target features.
 #[inline(always)]
-fn attend_portable<T: KvElement>(q: &[f32], keys: &[T], values: &[T], scale: f32, out: &mut [f32]) {
+fn attend_portable<T: KvElement>(q: &[f32], runs: &[(&[T], &[T])], scale: f32, out: &mut [f32]) {
     let d = q.len();
     // Plain loops rather than iterator adapters: those are separate functions that LLVM may not
     // inline, and then they run without the caller's vector width.
-    let mut scores = vec![0.0f32; keys.len() / d];
-    for (score, key) in scores.iter_mut().zip(keys.chunks_exact(d)) {
-        *score = dot(q, key) * scale;
+    let mut scores = Vec::new();
+    for &(keys, _) in runs {
+        for key in keys.chunks_exact(d) {
+            scores.push(dot(q, key) * scale);
+        }
     }
     let total = softmax_numerators(&mut scores);
-    for (score, value) in scores.iter().zip(values.chunks_exact(d)) {
-        let weight = score / total;
-        for (o, v) in out.iter_mut().zip(value) {
-            *o += weight * v.to_f32();
+    let mut scores = scores.iter();
+    for &(_, values) in runs {
+        // Values first: `zip` pulls from its left side first, and a score pulled for an empty
+        // run would be lost to the next one.
+        for (value, score) in values.chunks_exact(d).zip(scores.by_ref()) {
+            let weight = score / total;
+            for (o, v) in out.iter_mut().zip(value) {
+                *o += weight * v.to_f32();
+            }
         }
     }
 }
@@ -323,6 +434,96 @@ mod tests {
     }
 
     #[test]
+    fn rows_sharing_a_prefix_get_the_bits_of_each_row_alone() {
+        let mut seed = 9u32;
+        for (d, positions, rows, shared) in [
+            (64, 1, 2, 0),
+            (64, 9, 1, 0),
+            (64, 9, 3, 5),
+            (64, 55, 5, 40),
+            (64, 55, 5, 54),
+            (64, 100, 6, 0),
+            (16, 12, 4, 7),
+            (128, 33, 2, 32),
+            (8, 5, 3, 2),
+            (24, 6, 2, 3),
+        ] {
+            let prefix_keys = values(&mut seed, shared * d, 2.0);
+            let prefix_vals = values(&mut seed, shared * d, 2.0);
+            let queries: Vec<Vec<f32>> = (0..rows).map(|_| values(&mut seed, d, 2.0)).collect();
+            let histories: Vec<(Vec<f32>, Vec<f32>)> = (0..rows)
+                .map(|_| {
+                    let own = (positions - shared) * d;
+                    let keys = [prefix_keys.clone(), values(&mut seed, own, 2.0)].concat();
+                    let vals = [prefix_vals.clone(), values(&mut seed, own, 2.0)].concat();
+                    (keys, vals)
+                })
+                .collect();
+            let halves: Vec<(Vec<f16>, Vec<f16>)> = histories
+                .iter()
+                .map(|(k, v)| {
+                    let half = |x: &[f32]| x.iter().map(|&x| f16::from_f32(x)).collect();
+                    (half(k), half(v))
+                })
+                .collect();
+            let queries: Vec<&[f32]> = queries.iter().map(|q| q.as_slice()).collect();
+            let scale = 1.0 / (d as f32).sqrt();
+            for isa in Isa::available() {
+                let check = |histories: &[(&[f32], &[f32])], halves: &[(&[f16], &[f16])]| {
+                    let start: Vec<f32> = (0..rows * d).map(|i| i as f32 * 0.01).collect();
+                    let (mut together, mut together16) = (start.clone(), start.clone());
+                    attend_sharing_with(isa, &queries, histories, shared, scale, &mut together);
+                    attend_sharing_with(isa, &queries, halves, shared, scale, &mut together16);
+                    for r in 0..rows {
+                        let mut alone = start[r * d..(r + 1) * d].to_vec();
+                        let (keys, vals) = histories[r];
+                        attend_with(isa, queries[r], keys, vals, scale, &mut alone);
+                        let mut alone16 = start[r * d..(r + 1) * d].to_vec();
+                        let (keys, vals) = halves[r];
+                        attend_with(isa, queries[r], keys, vals, scale, &mut alone16);
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        let what = format!("{isa} d={d} n={positions} rows={rows} shared={shared}");
+                        assert_eq!(
+                            bits(&together[r * d..][..d]),
+                            bits(&alone),
+                            "{what} f32 row {r}"
+                        );
+                        assert_eq!(
+                            bits(&together16[r * d..][..d]),
+                            bits(&alone16),
+                            "{what} f16 row {r}"
+                        );
+                    }
+                };
+                let histories: Vec<(&[f32], &[f32])> = histories
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .collect();
+                let halves: Vec<(&[f16], &[f16])> = halves
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), v.as_slice()))
+                    .collect();
+                check(&histories, &halves);
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "shared decode attention")]
+    fn a_shared_prefix_past_the_positions_is_refused() {
+        let mut out = [0.0f32; 16];
+        let keys = [0.0f32; 32];
+        attend_sharing_with(
+            Isa::detect(),
+            &[&[0.0; 16]],
+            &[(&keys, &keys)],
+            3,
+            1.0,
+            &mut out,
+        );
+    }
+
+    #[test]
     fn the_output_is_added_to_not_overwritten() {
         let (q, keys, vals) = ([1.0f32; 16], [0.5f32; 32], [2.0f32; 32]);
         for isa in Isa::available() {
@@ -349,49 +550,95 @@ mod tests {
         );
     }
 
-    /// A 16-client decode step's attention, as `Attention::attend_rows` runs it: 48 rows × 12
-    /// heads of 64 over 12 layers, each (row, head) reading its own f32 cache of 1 to 99
-    /// positions out of 100 (195 MB per step at 55, out of cache). Prints the step's time and
-    /// the bytes read per second.
+    /// A decode step's attention over 12 layers of 12 heads of 64, f32 caches of 100 positions
+    /// holding 1 to 99, out of cache: 16 caches of 3 rows sharing a 5-position prompt (a
+    /// 16-client server step, 195 MB of keys and values at 55 positions), and one cache of 5
+    /// beams sharing all but their last 5 positions. Each run two ways: a task per (row, head)
+    /// through [`attend`], and a task per (cache, head) through [`attend_sharing`] as
+    /// `Attention::attend_rows` runs it. Prints each step's time and the bytes a task per row
+    /// reads per second.
     ///
     /// `cargo test --release -p gpt2-model --lib decode_attention_throughput -- --ignored --nocapture`
     #[test]
     #[ignore = "a timing, not a check"]
     fn decode_attention_throughput() {
         use rayon::prelude::*;
-        let (rows, heads, d, capacity, layers) = (48, 12, 64, 100, 12);
-        let layer_len = rows * heads * capacity * d;
-        let keys = values(&mut 3u32, layer_len * layers, 1.0);
-        let vals = values(&mut 4u32, layer_len * layers, 1.0);
-        let q = values(&mut 5u32, rows * 3 * heads * d, 1.0);
-        for positions in [1, 8, 24, 55, 99] {
-            let mut times = Vec::new();
-            for _ in 0..15 {
-                let t = std::time::Instant::now();
-                for layer in 0..layers {
-                    let mut out = vec![0.0f32; rows * heads * d];
-                    out.par_chunks_mut(d).with_min_len(4).enumerate().for_each(
-                        |(task, head_out)| {
-                            let (b, h) = (task / heads, task % heads);
-                            let q = &q[b * 3 * heads * d + h * d..][..d];
-                            let base = layer * layer_len + (b * heads + h) * capacity * d;
-                            let span = base..base + positions * d;
-                            attend(q, &keys[span.clone()], &vals[span], 0.125, head_out);
-                        },
-                    );
-                    std::hint::black_box(out);
+        let (heads, d, capacity, layers) = (12, 64, 100, 12);
+        for (caches, per_cache, own) in [(16, 3, None), (1, 5, Some(5))] {
+            let rows = caches * per_cache;
+            let layer_len = rows * heads * capacity * d;
+            let keys = values(&mut 3u32, layer_len * layers, 1.0);
+            let vals = values(&mut 4u32, layer_len * layers, 1.0);
+            let q = values(&mut 5u32, rows * 3 * heads * d, 1.0);
+            let span = |layer: usize, b: usize, h: usize, positions: usize| {
+                let base = layer * layer_len + (b * heads + h) * capacity * d;
+                base..base + positions * d
+            };
+            for positions in [1usize, 8, 24, 55, 99] {
+                // The prompt, or all but the beams' own last positions (the test only times
+                // reads: the shared positions are not made equal).
+                let shared = own
+                    .map_or(5, |own| positions.saturating_sub(own))
+                    .min(positions - 1);
+                let mut times = [Vec::new(), Vec::new()];
+                for _ in 0..9 {
+                    for (way, times) in times.iter_mut().enumerate() {
+                        let t = std::time::Instant::now();
+                        for layer in 0..layers {
+                            let mut out = vec![0.0f32; rows * heads * d];
+                            if way == 0 {
+                                out.par_chunks_mut(d).with_min_len(4).enumerate().for_each(
+                                    |(task, head_out)| {
+                                        let (b, h) = (task / heads, task % heads);
+                                        let q = &q[b * 3 * heads * d + h * d..][..d];
+                                        let at = span(layer, b, h, positions);
+                                        attend(q, &keys[at.clone()], &vals[at], 0.125, head_out);
+                                    },
+                                );
+                            } else {
+                                let parts: Vec<Vec<f32>> = (0..caches * heads)
+                                    .into_par_iter()
+                                    .map(|task| {
+                                        let (c, h) = (task / heads, task % heads);
+                                        let rows = c * per_cache..(c + 1) * per_cache;
+                                        let queries: Vec<&[f32]> = rows
+                                            .clone()
+                                            .map(|b| &q[b * 3 * heads * d + h * d..][..d])
+                                            .collect();
+                                        let histories: Vec<(&[f32], &[f32])> = rows
+                                            .map(|b| {
+                                                let at = span(layer, b, h, positions);
+                                                (&keys[at.clone()], &vals[at])
+                                            })
+                                            .collect();
+                                        let mut part = vec![0.0f32; per_cache * d];
+                                        attend_sharing(
+                                            &queries, &histories, shared, 0.125, &mut part,
+                                        );
+                                        part
+                                    })
+                                    .collect();
+                                std::hint::black_box(parts);
+                            }
+                            std::hint::black_box(out);
+                        }
+                        times.push(t.elapsed().as_secs_f64());
+                    }
                 }
-                times.push(t.elapsed().as_secs_f64());
+                let [per_row, per_cache_head] = times.map(|mut times| {
+                    times.sort_by(f64::total_cmp);
+                    times[times.len() / 2]
+                });
+                let bytes = 2 * rows * heads * layers * positions * d * 4;
+                println!(
+                    "{caches} × {per_cache} rows, {positions} positions ({shared} shared): \
+                     {:.2} ms per step by row ({:.1} GB/s of {:.1} MB), {:.2} ms by cache",
+                    per_row * 1e3,
+                    bytes as f64 / per_row / 1e9,
+                    bytes as f64 / 1e6,
+                    per_cache_head * 1e3,
+                );
             }
-            times.sort_by(f64::total_cmp);
-            let median = times[times.len() / 2];
-            let bytes = 2 * rows * heads * layers * positions * d * 4;
-            println!(
-                "{positions} positions: {:.2} ms per step, {:.1} MB, {:.1} GB/s",
-                median * 1e3,
-                bytes as f64 / 1e6,
-                bytes as f64 / median / 1e9
-            );
         }
     }
 }
