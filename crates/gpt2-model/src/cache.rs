@@ -113,6 +113,9 @@ pub(crate) enum KvBuffer {
     F16(Vec<f16>),
 }
 
+/// One head's keys and values in one row's storage, mutable: `capacity · head_dim` each.
+pub(crate) type HeadBuffers<'a, T> = (&'a mut [T], &'a mut [T]);
+
 /// A cached value type: f32 or f16, read back as f32.
 pub(crate) trait KvElement: Copy + Default + Send + Sync {
     /// The format whose buffers hold this type: SIMD kernels pick their loads by it, so a new
@@ -124,8 +127,12 @@ pub(crate) trait KvElement: Copy + Default + Send + Sync {
     /// The slice itself when it already holds f32 (so a kernel reads it without a copy).
     fn as_f32_slice(values: &[Self]) -> Option<&[f32]>;
 
-    /// The buffer's values when it holds this type.
-    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]>;
+    /// The buffer's values when it holds this type, mutable.
+    fn in_buffer_mut(buffer: &mut KvBuffer) -> Option<&mut [Self]>;
+
+    /// Stores `source` into `to` (of the same length), rounded to this type as
+    /// [`KvCache::store`] rounds it.
+    fn store_from_f32(to: &mut [Self], source: &[f32]);
 
     /// `len` zeros from a zeroed allocation (`calloc`), whose pages the kernel faults in as they
     /// are first written instead of all at once.
@@ -144,11 +151,15 @@ impl KvElement for f32 {
         Some(values)
     }
 
-    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]> {
+    fn in_buffer_mut(buffer: &mut KvBuffer) -> Option<&mut [Self]> {
         match buffer {
             KvBuffer::F32(values) => Some(values),
             KvBuffer::F16(_) => None,
         }
+    }
+
+    fn store_from_f32(to: &mut [Self], source: &[f32]) {
+        to.copy_from_slice(source);
     }
 
     fn zeroed(len: usize) -> Vec<Self> {
@@ -168,11 +179,15 @@ impl KvElement for f16 {
         None
     }
 
-    fn in_buffer(buffer: &KvBuffer) -> Option<&[Self]> {
+    fn in_buffer_mut(buffer: &mut KvBuffer) -> Option<&mut [Self]> {
         match buffer {
             KvBuffer::F16(values) => Some(values),
             KvBuffer::F32(_) => None,
         }
+    }
+
+    fn store_from_f32(to: &mut [Self], source: &[f32]) {
+        to.convert_from_f32_slice(source);
     }
 
     fn zeroed(len: usize) -> Vec<Self> {
@@ -227,8 +242,8 @@ impl KvBuffer {
     fn write(&mut self, at: usize, source: &[f32]) {
         let range = at..at + source.len();
         match self {
-            Self::F32(values) => values[range].copy_from_slice(source),
-            Self::F16(values) => values[range].convert_from_f32_slice(source),
+            Self::F32(values) => f32::store_from_f32(&mut values[range], source),
+            Self::F16(values) => f16::store_from_f32(&mut values[range], source),
         }
     }
 
@@ -330,6 +345,31 @@ impl KvCache {
             entry.k.write(at, &keys[head * d..(head + 1) * d]);
             entry.v.write(at, &values[head * d..(head + 1) * d]);
         }
+    }
+
+    /// Layer `layer`'s keys and values of every row and head, `(row, head)` in order, each the
+    /// `capacity · head_dim` values of that head in the row's storage, mutable: a decode step's
+    /// attention writes each head's new position and reads it back in the same task. `None`
+    /// unless the cache holds `T`.
+    pub(crate) fn heads_mut<T: KvElement>(
+        &mut self,
+        layer: usize,
+    ) -> Option<Vec<HeadBuffers<'_, T>>> {
+        let (n_head, span) = (self.n_head, self.capacity * self.head_dim);
+        let slots = self.slots.get(..self.rows)?;
+        let LayerCache { k, v } = self.layers.get_mut(layer)?;
+        let mut keys: Vec<Option<&mut [T]>> =
+            T::in_buffer_mut(k)?.chunks_mut(span).map(Some).collect();
+        let mut values: Vec<Option<&mut [T]>> =
+            T::in_buffer_mut(v)?.chunks_mut(span).map(Some).collect();
+        let mut heads = Vec::with_capacity(slots.len() * n_head);
+        for &slot in slots {
+            for head in 0..n_head {
+                let at = slot * n_head + head;
+                heads.push((keys.get_mut(at)?.take()?, values.get_mut(at)?.take()?));
+            }
+        }
+        Some(heads)
     }
 
     /// The keys and values buffers of `layer`, laid out as [`Self::offset`] says.
