@@ -6,8 +6,9 @@ use candle_core::{DType, Device, Tensor};
 use crate::kernels::bf16::{self, Bf16Matrix};
 use crate::kernels::gemm_f32::PrefillGemm;
 use crate::kernels::matmul_f32::SmallRowsMatmul;
-use crate::kernels::panel_f32::{self, PanelMatrix};
+use crate::kernels::panel_f32::PanelMatrix;
 use crate::kernels::q8_0::{self, Q8Matrix};
+use crate::kernels::{held_linear, held_linear_values};
 use crate::weights::NamedTensors;
 use crate::ModelError;
 
@@ -97,9 +98,9 @@ impl Conv1D {
     pub(crate) fn forward(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => linear(xs, w, &self.bias),
-            Weight::Panels(p) => panel_f32::panel_linear(xs, p, &self.bias),
-            Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
-            Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
+            Weight::Panels(p) => held_linear(xs, &**p, &self.bias),
+            Weight::Q8(q) => held_linear(xs, &**q, &self.bias),
+            Weight::Bf16(m) => held_linear(xs, &**m, &self.bias),
         }
     }
 
@@ -108,9 +109,20 @@ impl Conv1D {
     pub(crate) fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
         match &self.weight {
             Weight::Dense(w) => linear_step(xs, w, &self.bias),
-            Weight::Panels(p) => panel_f32::panel_linear(xs, p, &self.bias),
-            Weight::Q8(q) => q8_0::q8_linear(xs, q, &self.bias),
-            Weight::Bf16(m) => bf16::bf16_linear(xs, m, &self.bias),
+            Weight::Panels(p) => held_linear(xs, &**p, &self.bias),
+            Weight::Q8(q) => held_linear(xs, &**q, &self.bias),
+            Weight::Bf16(m) => held_linear(xs, &**m, &self.bias),
+        }
+    }
+
+    /// [`Self::forward_step`]'s values, `(rows, out)` row-major, straight from the kernel that
+    /// computes them (a decode step's logits).
+    pub(crate) fn forward_step_values(&self, xs: &Tensor) -> candle_core::Result<Vec<f32>> {
+        match &self.weight {
+            Weight::Dense(w) => linear_step(xs, w, &self.bias)?.flatten_all()?.to_vec1(),
+            Weight::Panels(p) => held_linear_values(xs, &**p, &self.bias),
+            Weight::Q8(q) => held_linear_values(xs, &**q, &self.bias),
+            Weight::Bf16(m) => held_linear_values(xs, &**m, &self.bias),
         }
     }
 

@@ -642,11 +642,7 @@ impl Gpt2Model {
 
     /// A decode step's logits, row-major, from the last block's output.
     fn step_logits(&self, xs: &Tensor) -> candle_core::Result<Vec<f32>> {
-        let xs = self.ln_f.forward(xs)?;
-        self.lm_head
-            .forward_step(&xs)?
-            .flatten_all()?
-            .to_vec1::<f32>()
+        self.lm_head.forward_step_values(&self.ln_f.forward(xs)?)
     }
 
     /// The weight tensors under HF's bare names, for writing a checkpoint.

@@ -18,7 +18,6 @@
 //! Rounding follows `vcvtne2ps2bf16`: nearest-even, NaN kept quiet, and f32 denormals flushed to
 //! zero (the instruction treats them as zero), so that every path sees the same bf16 values.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -634,39 +633,16 @@ fn tile_with(
     tile_portable(m, a, start, bias, tile, width)
 }
 
-/// `x · Wᵀ + b` with `W` in bf16, as a candle op on `(x, b)`.
-pub(crate) struct Bf16Linear<'a>(pub(crate) &'a Bf16Matrix);
+impl super::HeldWeight for Bf16Matrix {
+    const NAME: &'static str = "bf16-linear";
 
-impl CustomOp2 for Bf16Linear<'_> {
-    fn name(&self) -> &'static str {
-        "bf16-linear"
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, rows, b) = super::held_weight_inputs(
-            "bf16-linear",
-            (self.0.n, self.0.k),
-            (x, x_layout),
-            (b, b_layout),
-        )?;
-        let y = self.0.matmul(x, rows, b);
-        Ok((CpuStorage::F32(y), Shape::from((rows, self.0.n))))
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+        Bf16Matrix::matmul(self, x, rows, bias)
     }
-}
-
-/// `x · Wᵀ + b` for `x`: `(rows, k)`.
-pub(crate) fn bf16_linear(
-    x: &Tensor,
-    w: &Bf16Matrix,
-    bias: &Tensor,
-) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(bias, &Bf16Linear(w))
 }
 
 #[cfg(test)]

@@ -170,6 +170,67 @@ pub(crate) fn held_weight_inputs<'a>(
     Ok((&x[xs..xe], rows, &b[bs..be]))
 }
 
+/// A weight matrix `(n, k)` that its kernel multiplies in its own storage: f32 panels, q8_0 or
+/// bf16.
+pub(crate) trait HeldWeight: Sync {
+    /// The candle op's name, which prefixes its errors.
+    const NAME: &'static str;
+
+    /// `(n, k)`.
+    fn shape(&self) -> (usize, usize);
+
+    /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`.
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32>;
+}
+
+/// `x · Wᵀ + b` as a candle op on `(x, b)`, for a [`HeldWeight`].
+struct HeldLinear<'a, W>(&'a W);
+
+impl<W: HeldWeight> candle_core::CustomOp2 for HeldLinear<'_, W> {
+    fn name(&self) -> &'static str {
+        W::NAME
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        b: &CpuStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+        let (n, k) = self.0.shape();
+        let (x, rows, b) = held_weight_inputs(W::NAME, (n, k), (x, x_layout), (b, b_layout))?;
+        Ok((CpuStorage::F32(self.0.matmul(x, rows, b)), (rows, n).into()))
+    }
+}
+
+/// `x · Wᵀ + b` for `x`: `(rows, k)`.
+pub(crate) fn held_linear<W: HeldWeight>(
+    x: &candle_core::Tensor,
+    w: &W,
+    bias: &candle_core::Tensor,
+) -> candle_core::Result<candle_core::Tensor> {
+    x.contiguous()?.apply_op2_no_bwd(bias, &HeldLinear(w))
+}
+
+/// [`held_linear`]'s values, `(rows, n)` row-major, without copying them out of a tensor: a
+/// 48-row step's logits are 9.6 MB, and their copy took 0.8 ms of a 71 ms 16-client f32 step.
+pub(crate) fn held_linear_values<W: HeldWeight>(
+    x: &candle_core::Tensor,
+    w: &W,
+    bias: &candle_core::Tensor,
+) -> candle_core::Result<Vec<f32>> {
+    use candle_core::Storage::Cpu;
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (b_storage, b_layout) = bias.storage_and_layout();
+    let (Cpu(x), Cpu(b)) = (&*x_storage, &*b_storage) else {
+        candle_core::bail!("{} runs on the CPU", W::NAME);
+    };
+    let (x, rows, b) = held_weight_inputs(W::NAME, w.shape(), (x, x_layout), (b, b_layout))?;
+    Ok(w.matmul(x, rows, b))
+}
+
 /// What [`linear_inputs`] returns.
 pub(crate) type LinearInputs<'a> = (&'a [f32], usize, &'a [f32], usize, usize, &'a [f32]);
 

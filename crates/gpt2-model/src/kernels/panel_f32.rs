@@ -14,8 +14,6 @@
 //! token embeddings when tied): its panels are transposed at load, and the embedding lookups
 //! gather their rows from them.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
-
 use super::gemm_f32::{gemm_prepacked_with, PANEL};
 use super::Isa;
 
@@ -142,36 +140,16 @@ impl PanelMatrix {
     }
 }
 
-/// `x · Wᵀ + b` as a candle op on `(x, b)`.
-pub(crate) struct PanelLinear<'a>(pub(crate) &'a PanelMatrix);
+impl super::HeldWeight for PanelMatrix {
+    const NAME: &'static str = "f32-panel-linear";
 
-impl CustomOp2 for PanelLinear<'_> {
-    fn name(&self) -> &'static str {
-        "f32-panel-linear"
+    fn shape(&self) -> (usize, usize) {
+        PanelMatrix::shape(self)
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.0.shape();
-        let (x, rows, b) =
-            super::held_weight_inputs("f32-panel-linear", (n, k), (x, x_layout), (b, b_layout))?;
-        let y = self.0.matmul(x, rows, b);
-        Ok((CpuStorage::F32(y), Shape::from((rows, n))))
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+        PanelMatrix::matmul(self, x, rows, bias)
     }
-}
-
-/// `x · Wᵀ + b` for `x`: `(rows, k)`.
-pub(crate) fn panel_linear(
-    x: &Tensor,
-    w: &PanelMatrix,
-    bias: &Tensor,
-) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(bias, &PanelLinear(w))
 }
 
 #[cfg(test)]
@@ -252,6 +230,8 @@ mod tests {
 
     #[test]
     fn the_candle_op_checks_shapes_and_matches_the_kernel() {
+        use crate::kernels::{held_linear, held_linear_values};
+        use candle_core::Tensor;
         let device = &candle_core::Device::Cpu;
         let (rows, n, k) = (3, 40, 24);
         let mut seed = 4u32;
@@ -261,13 +241,19 @@ mod tests {
         let panels = PanelMatrix::from_out_in(&w, n, k);
         let xt = Tensor::from_slice(&x, (rows, k), device).expect("x");
         let bt = Tensor::from_slice(&bias, n, device).expect("bias");
-        let y = panel_linear(&xt, &panels, &bt)
+        let y = held_linear(&xt, &panels, &bt)
             .and_then(|y| y.flatten_all()?.to_vec1::<f32>())
             .expect("linear");
         assert!(same_bits(&y, &panels.matmul(&x, rows, &bias)));
+        let values = held_linear_values(&xt, &panels, &bt).expect("values");
+        assert!(same_bits(&values, &y));
         let wrong = Tensor::zeros((rows, k + 1), candle_core::DType::F32, device).expect("x");
-        let error = panel_linear(&wrong, &panels, &bt).expect_err("bad width");
-        assert!(error.to_string().contains("f32-panel-linear"), "{error}");
+        for error in [
+            held_linear(&wrong, &panels, &bt).expect_err("bad width"),
+            held_linear_values(&wrong, &panels, &bt).expect_err("bad width"),
+        ] {
+            assert!(error.to_string().contains("f32-panel-linear"), "{error}");
+        }
     }
 
     /// `cargo test --release -p gpt2-model panel_f32_decode_throughput -- --ignored --nocapture`

@@ -11,7 +11,6 @@
 //! on the same layout: `vpmaddubsw` and `vpmaddwd` give the same exact int32 sums per 4 inputs,
 //! then the same float operations, so it gives identical bits too.
 
-use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
@@ -797,35 +796,16 @@ fn tile_with(
     tile_portable(m, a, start, bias, tile, width)
 }
 
-/// `x · Wᵀ + b` with `W` in q8_0, as a candle op on `(x, b)`.
-pub(crate) struct Q8Linear<'a>(pub(crate) &'a Q8Matrix);
+impl super::HeldWeight for Q8Matrix {
+    const NAME: &'static str = "q8-linear";
 
-impl CustomOp2 for Q8Linear<'_> {
-    fn name(&self) -> &'static str {
-        "q8-linear"
+    fn shape(&self) -> (usize, usize) {
+        (self.n, self.k)
     }
 
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (x, rows, b) = super::held_weight_inputs(
-            "q8-linear",
-            (self.0.n, self.0.k),
-            (x, x_layout),
-            (b, b_layout),
-        )?;
-        let y = self.0.matmul(x, rows, b);
-        Ok((CpuStorage::F32(y), Shape::from((rows, self.0.n))))
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+        Q8Matrix::matmul(self, x, rows, bias)
     }
-}
-
-/// `x · Wᵀ + b` for `x`: `(rows, k)`.
-pub(crate) fn q8_linear(x: &Tensor, w: &Q8Matrix, bias: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(bias, &Q8Linear(w))
 }
 
 #[cfg(test)]
