@@ -247,6 +247,17 @@ def sweep_floor(probe: dict, sizes: dict, args, clients: int) -> dict:
     return {"rows": rows, "step_s": f["s"], "bound": f["bound"], "tokens_per_s": rows / f["s"]}
 
 
+def steps_peak_fraction(probe: dict, sizes: dict, args, steps: dict):
+    """The fraction of the arithmetic peak the level's decode steps ran at: the compute floor of
+    a step of their mean rows over their mean time. Prompt chunks that ride in a step add work
+    the floor does not count, so this is a lower bound."""
+    if not steps.get("mean_step_s") or not steps.get("mean_rows"):
+        return None
+    compute = step_floor(probe, sizes, args.dtype, args.kv_dtype, steps["mean_rows"],
+                         MAX_LENGTH // 2)["compute_s"]
+    return compute / steps["mean_step_s"]
+
+
 def probe_summary_rows(probe: dict):
     flags = [k for k, on in probe.get("features", {}).items() if on]
     amx = [f for f in probe.get("cpuinfo_flags", []) if f.startswith("amx")]
@@ -557,7 +568,27 @@ def streamed_first_token(server: Server, runs: int) -> dict:
             "median_total_s": statistics.median(totals)}
 
 
+def decode_step_totals(server: Server) -> dict:
+    """The server's decode-step counters from `GET /metrics`: steps run, their seconds, and the
+    sequences they carried."""
+    with urllib.request.urlopen(server.base + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    wanted = {"gpt2_decode_step_duration_seconds_count": "steps",
+              "gpt2_decode_step_duration_seconds_sum": "seconds",
+              "gpt2_decode_batch_rows_sum": "rows"}
+    totals = {key: 0.0 for key in wanted.values()}
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        key = wanted.get(name.split("{", 1)[0])
+        if key is not None:
+            totals[key] = float(value)
+    return totals
+
+
 def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -> dict:
+    before = decode_step_totals(server)
     barrier = threading.Barrier(clients + 1)
     results = [[] for _ in range(clients)]
     errors = []
@@ -592,6 +623,8 @@ def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -
         raise server.fail(f"{len(errors)} request(s) failed at {clients} clients:\n"
                           + "\n".join(errors[:10]))
 
+    after = decode_step_totals(server)
+    steps = after["steps"] - before["steps"]
     requests = [r for per in results for r in per]
     logs = server.log_lines_for([r["request_id"] for r in requests])
     for r in requests:
@@ -614,6 +647,11 @@ def sweep_level(server: Server, clients: int, per_client: int, seed_base: int) -
         "p99_latency_s": percentile(lat, 99),
         "mean_queue_ms": statistics.mean(r["queue_ms"] or 0 for r in requests),
         "p50_first_token_s": percentile([(r["first_token_ms"] or 0) / 1000 for r in requests], 50),
+        "decode_steps": {
+            "steps": steps,
+            "mean_step_s": (after["seconds"] - before["seconds"]) / steps if steps else None,
+            "mean_rows": (after["rows"] - before["rows"]) / steps if steps else None,
+        },
     }
 
 
@@ -740,10 +778,11 @@ def shapes_rows(shapes: dict, floors: dict, llama_ran: bool):
 def sweep_rows(levels: list):
     header = ["clients", "requests", "aggregate tok/s", "vs 1 client", "p50 latency s",
               "p99 latency s", "p50 / lone request", "p50 first token s", "floor tok/s",
-              "× floor"]
+              "× floor", "rows / step", "ms / step", "steps % of peak"]
     rows = []
     for lv in levels:
         fl = lv.get("floor") or {}
+        st = lv.get("decode_steps") or {}
         rows.append([str(lv["clients"]), str(len(lv["requests"])),
                      fmt(lv["aggregate_tokens_per_s"], ".1f"),
                      times(lv["throughput_vs_1_client"]),
@@ -751,7 +790,10 @@ def sweep_rows(levels: list):
                      times(lv["p50_vs_lone_request"]),
                      fmt(lv.get("p50_first_token_s")), fmt(fl.get("tokens_per_s"), ".0f"),
                      times(fl.get("tokens_per_s") and
-                           fl["tokens_per_s"] / lv["aggregate_tokens_per_s"])])
+                           fl["tokens_per_s"] / lv["aggregate_tokens_per_s"]),
+                     fmt(st.get("mean_rows"), ".1f"),
+                     fmt(st.get("mean_step_s") and st["mean_step_s"] * 1000, ".1f"),
+                     fmt(st.get("peak_fraction") and st["peak_fraction"] * 100, ".0f")])
     return header, rows
 
 
@@ -919,7 +961,13 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "token* is the median time from admission to the first token (`first_token_ms` of the "
             "server's log lines); *floor tok/s* is the aggregate at the floor with every client's 3 "
             "sequences in each step (floor_step above at 3 × clients rows, 50 positions cached), "
-            "and *× floor* is that over the measured aggregate.",
+            "and *× floor* is that over the measured aggregate. *rows / step* and *ms / step* are "
+            "the mean sequences and duration of the level's decode steps (the server's "
+            "`gpt2_decode_step_duration_seconds` and `gpt2_decode_batch_rows` from `GET /metrics`, "
+            "read before and after the level; a step's time includes sampling its rows and any "
+            "prompt chunk riding in it); *steps % of peak* is the compute floor of a step of "
+            "those rows (2 operations per matmul weight per row at the probe's peak) over that "
+            "time, a lower bound since the chunks' work is not counted.",
             "",
         ]
         if streamed:
@@ -1069,6 +1117,8 @@ def main(argv=None) -> int:
     levels, streamed = run_sweep(args) if sweep else ([], None)
     for lv in levels:
         lv["floor"] = sweep_floor(probe, sizes, args, lv["clients"])
+        lv["decode_steps"]["peak_fraction"] = steps_peak_fraction(probe, sizes, args,
+                                                                  lv["decode_steps"])
 
     out_md = args.output
     out_png = out_md.with_suffix(".png")
