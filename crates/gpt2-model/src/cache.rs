@@ -356,6 +356,9 @@ impl KvCache {
         layer: usize,
     ) -> Option<Vec<HeadBuffers<'_, T>>> {
         let (n_head, span) = (self.n_head, self.capacity * self.head_dim);
+        if span == 0 {
+            return None;
+        }
         let slots = self.slots.get(..self.rows)?;
         let LayerCache { k, v } = self.layers.get_mut(layer)?;
         let mut keys: Vec<Option<&mut [T]>> =
