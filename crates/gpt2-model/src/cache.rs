@@ -656,6 +656,35 @@ mod tests {
     }
 
     #[test]
+    fn each_rows_head_buffers_are_where_offset_puts_that_row_and_head() {
+        let mut cache = labelled(4, 3, KvFormat::F32);
+        // Storage rows no longer in order: row `i` lives in another slot.
+        cache.reorder(&[2, 0, 3, 1]).unwrap();
+        let (n_head, d, capacity) = (cache.n_head, cache.head_dim, cache.capacity);
+        assert!(
+            cache.heads_mut::<f16>(1).is_none(),
+            "an f32 cache holds no f16"
+        );
+        let heads = cache.heads_mut::<f32>(1).unwrap();
+        assert_eq!(heads.len(), 4 * n_head);
+        for (task, (keys, values)) in heads.into_iter().enumerate() {
+            assert_eq!((keys.len(), values.len()), (capacity * d, capacity * d));
+            keys[2 * d] = (1000 + task) as f32;
+            values[2 * d + 1] = (2000 + task) as f32;
+        }
+        let (KvBuffer::F32(keys), KvBuffer::F32(values)) = cache.buffers(1) else {
+            panic!("an f32 cache");
+        };
+        for row in 0..4 {
+            for head in 0..n_head {
+                let at = cache.offset(row, head, 2);
+                let task = (row * n_head + head) as f32;
+                assert_eq!((keys[at], values[at + 1]), (1000.0 + task, 2000.0 + task));
+            }
+        }
+    }
+
+    #[test]
     fn reorder_forks_permutes_and_drops_rows() {
         for format in [KvFormat::F32, KvFormat::F16] {
             let mut cache = labelled(1, 3, format);
