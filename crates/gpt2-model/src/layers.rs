@@ -5,7 +5,7 @@
 use candle_core::Tensor;
 
 use crate::attention::Attention;
-use crate::kernels::{self, activation};
+use crate::kernels::{self, activation, Epilogue};
 use crate::linear::Conv1D;
 use crate::weights::NamedTensors;
 use crate::{Activation, Gpt2Config, KvCache, ModelError};
@@ -99,10 +99,14 @@ impl Mlp {
             .reshape((batch, new, n_embd))
     }
 
-    /// `xs`: `(rows, n_embd)`, through the decode kernel.
+    /// `xs`: `(rows, n_embd)`, through the decode kernel; GPT-2's own activation in the up
+    /// projection's kernel.
     fn forward_step(&self, xs: &Tensor) -> candle_core::Result<Tensor> {
-        let hidden = self.c_fc.forward_step(xs)?;
-        self.c_proj.forward_step(&self.activate(hidden)?)
+        let hidden = match self.activation {
+            Activation::GeluTanh => self.c_fc.forward_step_then(xs, Epilogue::GeluTanh)?,
+            _ => self.activate(self.c_fc.forward_step(xs)?)?,
+        };
+        self.c_proj.forward_step(&hidden)
     }
 
     /// `xs`: `(rows, n_embd)`, the first `step_rows` a decode step's and the rest a prefill's.

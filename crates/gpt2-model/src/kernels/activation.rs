@@ -67,7 +67,7 @@ fn gelu_tanh_serial_with(isa: Isa, values: &mut [f32]) {
     }
 }
 
-fn gelu_tanh_serial(values: &mut [f32]) {
+pub(crate) fn gelu_tanh_serial(values: &mut [f32]) {
     gelu_tanh_serial_with(Isa::active(), values)
 }
 

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::write_lanes;
-use super::{by_column_ranges, Isa};
+use super::{by_column_ranges, Epilogue, HeldWeight, Isa};
 
 /// Outputs interleaved in one packed vector (its 32-bit lanes).
 const LANES: usize = 16;
@@ -156,17 +156,26 @@ impl Bf16Matrix {
 
     /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`. The
     /// activations are rounded to bf16 first.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
         self.matmul_with(Isa::active(), x, rows, bias)
     }
 
     /// [`Self::matmul`] on the kernels `isa` allows (`vdpbf16ps` where the CPU has it at
     /// [`Isa::Avx512`], widening and FMA otherwise).
+    #[cfg(test)]
     pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        self.matmul_body(Body::best(isa), x, rows, bias)
+        self.matmul_body(Body::best(isa), x, rows, bias, Epilogue::Plain)
     }
 
-    fn matmul_body(&self, body: Body, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+    fn matmul_body(
+        &self,
+        body: Body,
+        x: &[f32],
+        rows: usize,
+        bias: &[f32],
+        epilogue: Epilogue,
+    ) -> Vec<f32> {
         assert!(
             x.len() == rows * self.k && bias.len() == self.n,
             "bf16 matmul: {} inputs for {rows} rows of {}, {} biases for {} outputs",
@@ -186,6 +195,7 @@ impl Bf16Matrix {
                 tile,
                 width,
             );
+            epilogue.apply(tile);
         })
     }
 }
@@ -633,15 +643,17 @@ fn tile_with(
     tile_portable(m, a, start, bias, tile, width)
 }
 
-impl super::HeldWeight for Bf16Matrix {
+impl HeldWeight for Bf16Matrix {
     const NAME: &'static str = "bf16-linear";
 
     fn shape(&self) -> (usize, usize) {
         (self.n, self.k)
     }
 
-    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        Bf16Matrix::matmul(self, x, rows, bias)
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        // In each task, on the tile it has just computed.
+        let isa = Isa::active();
+        self.matmul_body(Body::best(isa), x, rows, bias, epilogue)
     }
 }
 
@@ -733,7 +745,7 @@ mod tests {
                 assert!((a - b).abs() <= b.abs() / 256.0, "weight rounding");
             }
             let expected = reference(&m, &x, rows, &bias);
-            let portable = m.matmul_body(Body::Portable, &x, rows, &bias);
+            let portable = m.matmul_body(Body::Portable, &x, rows, &bias, Epilogue::Plain);
             for (o, e) in portable.iter().zip(&expected) {
                 assert!(
                     (o - e).abs() < 1e-4,
@@ -741,7 +753,7 @@ mod tests {
                 );
             }
             for body in Body::available() {
-                let ours = m.matmul_body(body, &x, rows, &bias);
+                let ours = m.matmul_body(body, &x, rows, &bias, Epilogue::Plain);
                 for (i, (o, e)) in ours.iter().zip(&portable).enumerate() {
                     assert!(
                         (o - e).abs() < 1e-5,
@@ -799,7 +811,7 @@ mod tests {
             };
             for body in Body::available() {
                 let s = time(&|| {
-                    std::hint::black_box(m.matmul_body(body, &x, rows, &bias));
+                    std::hint::black_box(m.matmul_body(body, &x, rows, &bias, Epilogue::Plain));
                 });
                 println!(
                     "({n},{k})x{rows} {body:?}: {:.3} ms, {:.1} GB/s",
@@ -838,7 +850,13 @@ mod tests {
             let mut times = Vec::new();
             for _ in 0..15 {
                 let t = std::time::Instant::now();
-                std::hint::black_box(m.matmul_body(Body::best(Isa::active()), &x, rows, &bias));
+                std::hint::black_box(m.matmul_body(
+                    Body::best(Isa::active()),
+                    &x,
+                    rows,
+                    &bias,
+                    Epilogue::Plain,
+                ));
                 times.push(t.elapsed().as_secs_f64());
             }
             times.sort_by(f64::total_cmp);

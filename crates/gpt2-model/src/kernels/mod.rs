@@ -170,6 +170,25 @@ pub(crate) fn held_weight_inputs<'a>(
     Ok((&x[xs..xe], rows, &b[bs..be]))
 }
 
+/// What a matmul applies to its outputs, element by element, after the bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Epilogue {
+    /// Nothing.
+    Plain,
+    /// GPT-2's `gelu_new` ([`activation`]): the MLP's up projection.
+    GeluTanh,
+}
+
+impl Epilogue {
+    /// Applies this to `values` on the calling thread.
+    pub(crate) fn apply(self, values: &mut [f32]) {
+        match self {
+            Epilogue::Plain => {}
+            Epilogue::GeluTanh => activation::gelu_tanh_serial(values),
+        }
+    }
+}
+
 /// A weight matrix `(n, k)` that its kernel multiplies in its own storage: f32 panels, q8_0 or
 /// bf16.
 pub(crate) trait HeldWeight: Sync {
@@ -179,12 +198,13 @@ pub(crate) trait HeldWeight: Sync {
     /// `(n, k)`.
     fn shape(&self) -> (usize, usize);
 
-    /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`.
-    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32>;
+    /// `(rows, k)` activations times this matrix transposed, plus `bias`, then `epilogue`:
+    /// `(rows, n)`.
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32>;
 }
 
-/// `x · Wᵀ + b` as a candle op on `(x, b)`, for a [`HeldWeight`].
-struct HeldLinear<'a, W>(&'a W);
+/// `x · Wᵀ + b`, then an [`Epilogue`], as a candle op on `(x, b)`, for a [`HeldWeight`].
+struct HeldLinear<'a, W>(&'a W, Epilogue);
 
 impl<W: HeldWeight> candle_core::CustomOp2 for HeldLinear<'_, W> {
     fn name(&self) -> &'static str {
@@ -200,17 +220,22 @@ impl<W: HeldWeight> candle_core::CustomOp2 for HeldLinear<'_, W> {
     ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
         let (n, k) = self.0.shape();
         let (x, rows, b) = held_weight_inputs(W::NAME, (n, k), (x, x_layout), (b, b_layout))?;
-        Ok((CpuStorage::F32(self.0.matmul(x, rows, b)), (rows, n).into()))
+        Ok((
+            CpuStorage::F32(self.0.matmul(x, rows, b, self.1)),
+            (rows, n).into(),
+        ))
     }
 }
 
-/// `x · Wᵀ + b` for `x`: `(rows, k)`.
+/// `x · Wᵀ + b` for `x`: `(rows, k)`, then `epilogue`.
 pub(crate) fn held_linear<W: HeldWeight>(
     x: &candle_core::Tensor,
     w: &W,
     bias: &candle_core::Tensor,
+    epilogue: Epilogue,
 ) -> candle_core::Result<candle_core::Tensor> {
-    x.contiguous()?.apply_op2_no_bwd(bias, &HeldLinear(w))
+    x.contiguous()?
+        .apply_op2_no_bwd(bias, &HeldLinear(w, epilogue))
 }
 
 /// [`held_linear`]'s values, `(rows, n)` row-major, without copying them out of a tensor: a
@@ -228,7 +253,7 @@ pub(crate) fn held_linear_values<W: HeldWeight>(
         candle_core::bail!("{} runs on the CPU", W::NAME);
     };
     let (x, rows, b) = held_weight_inputs(W::NAME, w.shape(), (x, x_layout), (b, b_layout))?;
-    Ok(w.matmul(x, rows, b))
+    Ok(w.matmul(x, rows, b, Epilogue::Plain))
 }
 
 /// What [`linear_inputs`] returns.
@@ -261,5 +286,38 @@ pub(crate) mod test_support {
                 ((*seed >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0) * amplitude
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bf16::{Bf16Matrix, Source};
+    use super::panel_f32::PanelMatrix;
+    use super::q8_0::Q8Matrix;
+    use super::test_support::values;
+    use super::*;
+
+    /// Every held weight's matmul with GELU in its epilogue gives the bits of the matmul and then
+    /// GELU over its whole output, at row counts that make partial tiles.
+    #[test]
+    fn a_gelu_epilogue_gives_the_bits_of_gelu_after_the_matmul() {
+        fn check<W: HeldWeight>(w: &W, seed: &mut u32) {
+            let (n, k) = w.shape();
+            let bias = values(seed, n, 0.5);
+            for rows in [1, 3, 5, 7, 16] {
+                let x = values(seed, rows * k, 2.0);
+                let mut want = w.matmul(&x, rows, &bias, Epilogue::Plain);
+                activation::gelu_tanh_in_place(&mut want);
+                let got = w.matmul(&x, rows, &bias, Epilogue::GeluTanh);
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{} at {rows} rows", W::NAME);
+            }
+        }
+        let mut seed = 11u32;
+        let (n, k) = (200, 96);
+        let w = values(&mut seed, n * k, 0.5);
+        check(&Q8Matrix::quantize(&w, n, k), &mut seed);
+        check(&Bf16Matrix::pack(&w, n, k, Source::OutIn), &mut seed);
+        check(&PanelMatrix::from_out_in(&w, n, k), &mut seed);
     }
 }

@@ -15,7 +15,7 @@
 //! gather their rows from them.
 
 use super::gemm_f32::{gemm_prepacked_with, PANEL};
-use super::Isa;
+use super::{Epilogue, HeldWeight, Isa};
 
 /// An f32 matrix `(n, k)` (output `j` = row `j`) in panels of [`PANEL`] outputs, k-major: panel
 /// `p` holds weight `(p · PANEL + j, kk)` at `(p · k + kk) · PANEL + j`, zeros past `n`.
@@ -140,15 +140,20 @@ impl PanelMatrix {
     }
 }
 
-impl super::HeldWeight for PanelMatrix {
+impl HeldWeight for PanelMatrix {
     const NAME: &'static str = "f32-panel-linear";
 
     fn shape(&self) -> (usize, usize) {
         PanelMatrix::shape(self)
     }
 
-    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        PanelMatrix::matmul(self, x, rows, bias)
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        let mut y = PanelMatrix::matmul(self, x, rows, bias);
+        // After the GEMM: its tasks write rows of output pieces straight into the result.
+        if epilogue == Epilogue::GeluTanh {
+            super::activation::gelu_tanh_in_place(&mut y);
+        }
+        y
     }
 }
 
@@ -241,7 +246,7 @@ mod tests {
         let panels = PanelMatrix::from_out_in(&w, n, k);
         let xt = Tensor::from_slice(&x, (rows, k), device).expect("x");
         let bt = Tensor::from_slice(&bias, n, device).expect("bias");
-        let y = held_linear(&xt, &panels, &bt)
+        let y = held_linear(&xt, &panels, &bt, Epilogue::Plain)
             .and_then(|y| y.flatten_all()?.to_vec1::<f32>())
             .expect("linear");
         assert!(same_bits(&y, &panels.matmul(&x, rows, &bias)));
@@ -249,7 +254,7 @@ mod tests {
         assert!(same_bits(&values, &y));
         let wrong = Tensor::zeros((rows, k + 1), candle_core::DType::F32, device).expect("x");
         for error in [
-            held_linear(&wrong, &panels, &bt).expect_err("bad width"),
+            held_linear(&wrong, &panels, &bt, Epilogue::Plain).expect_err("bad width"),
             held_linear_values(&wrong, &panels, &bt).expect_err("bad width"),
         ] {
             assert!(error.to_string().contains("f32-panel-linear"), "{error}");

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::write_lanes;
-use super::{by_column_ranges, Isa};
+use super::{by_column_ranges, Epilogue, HeldWeight, Isa};
 
 /// Values per block sharing one scale.
 pub(crate) const BLOCK: usize = 32;
@@ -88,17 +88,27 @@ impl Q8Matrix {
 
     /// `(rows, k)` activations times this matrix transposed, plus `bias`: `(rows, n)`. The
     /// activations are quantized to q8_0 first.
+    #[cfg(test)]
     pub(crate) fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
         self.matmul_with(Isa::active(), x, rows, bias)
     }
 
     /// [`Self::matmul`] on the kernels compiled for `isa` (every level gives the same bits).
+    #[cfg(test)]
     pub(crate) fn matmul_with(&self, isa: Isa, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        self.matmul_body(isa, Body::best(isa), x, rows, bias)
+        self.matmul_body(isa, Body::best(isa), x, rows, bias, Epilogue::Plain)
     }
 
     /// [`Self::matmul`] with the activations quantized for `isa` and the integer body `body`.
-    fn matmul_body(&self, isa: Isa, body: Body, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
+    fn matmul_body(
+        &self,
+        isa: Isa,
+        body: Body,
+        x: &[f32],
+        rows: usize,
+        bias: &[f32],
+        epilogue: Epilogue,
+    ) -> Vec<f32> {
         assert!(
             x.len() == rows * self.k && bias.len() == self.n,
             "q8_0 matmul: {} inputs for {rows} rows of {}, {} biases for {} outputs",
@@ -119,6 +129,7 @@ impl Q8Matrix {
                 tile,
                 width,
             );
+            epilogue.apply(tile);
         })
     }
 }
@@ -796,15 +807,17 @@ fn tile_with(
     tile_portable(m, a, start, bias, tile, width)
 }
 
-impl super::HeldWeight for Q8Matrix {
+impl HeldWeight for Q8Matrix {
     const NAME: &'static str = "q8-linear";
 
     fn shape(&self) -> (usize, usize) {
         (self.n, self.k)
     }
 
-    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32]) -> Vec<f32> {
-        Q8Matrix::matmul(self, x, rows, bias)
+    fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
+        // In each task, on the tile it has just computed.
+        let isa = Isa::active();
+        self.matmul_body(isa, Body::best(isa), x, rows, bias, epilogue)
     }
 }
 
@@ -872,7 +885,7 @@ mod tests {
                 );
                 // Every body under every quantizer, e.g. AVX-512 without VNNI on the AVX2 body.
                 for body in Body::available() {
-                    let y = quantized.matmul_body(isa, body, &x, rows, &bias);
+                    let y = quantized.matmul_body(isa, body, &x, rows, &bias, Epilogue::Plain);
                     assert_eq!(bits(&y), bits(&portable), "{isa} {body:?}");
                 }
             }
@@ -919,7 +932,7 @@ mod tests {
         }
         for isa in Isa::available() {
             for body in Body::available() {
-                let y = q.matmul_body(isa, body, &x, rows, &bias);
+                let y = q.matmul_body(isa, body, &x, rows, &bias, Epilogue::Plain);
                 assert_eq!(y, portable, "{isa} {body:?}");
             }
         }
@@ -946,7 +959,14 @@ mod tests {
                     let mut best = f64::MAX;
                     for _ in 0..20 {
                         let t = std::time::Instant::now();
-                        std::hint::black_box(q.matmul_body(isa, body, &x, rows, &bias));
+                        std::hint::black_box(q.matmul_body(
+                            isa,
+                            body,
+                            &x,
+                            rows,
+                            &bias,
+                            Epilogue::Plain,
+                        ));
                         best = best.min(t.elapsed().as_secs_f64());
                     }
                     println!(
