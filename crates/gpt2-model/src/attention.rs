@@ -312,8 +312,7 @@ impl Attention {
         let (d, n_head) = (self.head_dim, self.n_head);
         let n_embd = n_head * d;
         let scale = self.scale as f32;
-        // Stores row `row`'s key and value of head `h` at `position`, and returns the head's
-        // positions up to it.
+        // Stores row `row`'s key and value of head `h` at `position`.
         let store =
             |row: usize, h: usize, position: usize, (keys, values): &mut (&mut [T], &mut [T])| {
                 let projection = &qkv[row * 3 * n_embd..(row + 1) * 3 * n_embd];

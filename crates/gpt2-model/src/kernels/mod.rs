@@ -203,48 +203,37 @@ pub(crate) trait HeldWeight: Sync {
     fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32>;
 }
 
-/// `x · Wᵀ + b`, then an [`Epilogue`], as a candle op on `(x, b)`, for a [`HeldWeight`].
-struct HeldLinear<'a, W>(&'a W, Epilogue);
-
-impl<W: HeldWeight> candle_core::CustomOp2 for HeldLinear<'_, W> {
-    fn name(&self) -> &'static str {
-        W::NAME
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        x_layout: &Layout,
-        b: &CpuStorage,
-        b_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-        let (n, k) = self.0.shape();
-        let (x, rows, b) = held_weight_inputs(W::NAME, (n, k), (x, x_layout), (b, b_layout))?;
-        Ok((
-            CpuStorage::F32(self.0.matmul(x, rows, b, self.1)),
-            (rows, n).into(),
-        ))
-    }
-}
-
-/// `x · Wᵀ + b` for `x`: `(rows, k)`, then `epilogue`.
+/// `x · Wᵀ + b` for `x`: `(rows, k)`, then `epilogue`: `(rows, n)`. The tensor takes the
+/// kernel's vector as it is.
 pub(crate) fn held_linear<W: HeldWeight>(
     x: &candle_core::Tensor,
     w: &W,
     bias: &candle_core::Tensor,
     epilogue: Epilogue,
 ) -> candle_core::Result<candle_core::Tensor> {
-    x.contiguous()?
-        .apply_op2_no_bwd(bias, &HeldLinear(w, epilogue))
+    let (values, rows) = held_matmul(x, w, bias, epilogue)?;
+    candle_core::Tensor::from_vec(values, (rows, w.shape().0), x.device())
 }
 
-/// [`held_linear`]'s values, `(rows, n)` row-major, without copying them out of a tensor: a
-/// 48-row step's logits are 9.6 MB, and their copy took 0.8 ms of a 71 ms 16-client f32 step.
+/// [`held_linear`]'s values, `(rows, n)` row-major, without a tensor around them: a 48-row
+/// step's logits are 9.6 MB, and their copy out of a tensor took 0.8 ms of a 71 ms 16-client
+/// f32 step.
 pub(crate) fn held_linear_values<W: HeldWeight>(
     x: &candle_core::Tensor,
     w: &W,
     bias: &candle_core::Tensor,
 ) -> candle_core::Result<Vec<f32>> {
+    Ok(held_matmul(x, w, bias, Epilogue::Plain)?.0)
+}
+
+/// The kernel's `(rows, n)` values for `x · Wᵀ + b` and `epilogue`, and `rows`, after checking
+/// the shapes (errors name the weight's kernel).
+fn held_matmul<W: HeldWeight>(
+    x: &candle_core::Tensor,
+    w: &W,
+    bias: &candle_core::Tensor,
+    epilogue: Epilogue,
+) -> candle_core::Result<(Vec<f32>, usize)> {
     use candle_core::Storage::Cpu;
     let x = x.contiguous()?;
     let (x_storage, x_layout) = x.storage_and_layout();
@@ -253,7 +242,7 @@ pub(crate) fn held_linear_values<W: HeldWeight>(
         candle_core::bail!("{} runs on the CPU", W::NAME);
     };
     let (x, rows, b) = held_weight_inputs(W::NAME, w.shape(), (x, x_layout), (b, b_layout))?;
-    Ok(w.matmul(x, rows, b, Epilogue::Plain))
+    Ok((w.matmul(x, rows, b, epilogue), rows))
 }
 
 /// What [`linear_inputs`] returns.

@@ -150,8 +150,9 @@ impl HeldWeight for PanelMatrix {
     fn matmul(&self, x: &[f32], rows: usize, bias: &[f32], epilogue: Epilogue) -> Vec<f32> {
         let mut y = PanelMatrix::matmul(self, x, rows, bias);
         // After the GEMM: its tasks write rows of output pieces straight into the result.
-        if epilogue == Epilogue::GeluTanh {
-            super::activation::gelu_tanh_in_place(&mut y);
+        match epilogue {
+            Epilogue::Plain => {}
+            Epilogue::GeluTanh => super::activation::gelu_tanh_in_place(&mut y),
         }
         y
     }
