@@ -65,10 +65,11 @@ MAX_LENGTH = 100    # the contract's default max_length (prompt included)
 WEIGHT_BYTES = {"f32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
 KV_BYTES = {"f32": 4, "f16": 2}
 # Which probe peak bounds a format's matmuls (multiply-adds count 2 operations): f32 FMA; bf16
-# pairs (vdpbf16ps) where the CPU has them, else widening + f32 FMA; int8 dot products (vpdpbusd)
-# for q8_0 where the CPU has them, else f32 FMA.
+# on AMX tiles (tdpbf16ps) where the CPU has them and GPT2_ISA does not pin a lower level, else
+# bf16 pairs (vdpbf16ps) where the CPU has them, else widening + f32 FMA; int8 dot products
+# (vpdpbusd) for q8_0 where the CPU has them, else f32 FMA.
 PEAK_OF_FORMAT = {"f32": ["f32_fma_gflops"],
-                  "bf16": ["bf16_dot_gflops", "f32_fma_gflops"],
+                  "bf16": ["amx_bf16_gflops", "bf16_dot_gflops", "f32_fma_gflops"],
                   "q8_0": ["int8_vnni_gops", "f32_fma_gflops"]}
 SHAPE_NOTES = {
     "default": "sample-top-p (top_k 50, top_p 0.92), max_length 100, 3 sequences",
@@ -176,7 +177,10 @@ def model_sizes(model_dir: Path) -> dict:
 
 def peak_for(probe: dict, dtype: str):
     """(peak in 10⁹ operations/s, the probe field it came from) for a weight format's matmuls."""
+    amx_allowed = os.environ.get("GPT2_ISA", "").strip().lower() in ("", "amx")
     for key in PEAK_OF_FORMAT[dtype]:
+        if key.startswith("amx_") and not amx_allowed:
+            continue
         if probe.get(key):
             return float(probe[key]), key
     raise BenchError(f"the probe reported no usable peak for {dtype}: {probe}")
@@ -275,6 +279,8 @@ def probe_summary_rows(probe: dict):
          if probe.get("int8_vnni_gops") else "– (no AVX-512 VNNI)"),
         ("bf16 dot peak", f"{probe['bf16_dot_gflops']:.0f} GFLOP/s (vdpbf16ps)"
          if probe.get("bf16_dot_gflops") else "– (no AVX-512 BF16)"),
+        ("bf16 tile peak", f"{probe['amx_bf16_gflops']:.0f} GFLOP/s (AMX tdpbf16ps)"
+         if probe.get("amx_bf16_gflops") else "– (no AMX-BF16)"),
     ]
 
 
@@ -1098,7 +1104,8 @@ def main(argv=None) -> int:
     sizes = model_sizes(args.model_dir)
     log(f"{probe.get('cpu_model')}: read {probe['read_gbs']:.1f} GB/s, f32 FMA "
         f"{probe['f32_fma_gflops']:.0f} GFLOP/s, int8 {probe.get('int8_vnni_gops')} GOPS, "
-        f"bf16 {probe.get('bf16_dot_gflops')} GFLOP/s ({probe.get('probe_s')} s)")
+        f"bf16 {probe.get('bf16_dot_gflops')} GFLOP/s, AMX bf16 {probe.get('amx_bf16_gflops')} "
+        f"GFLOP/s ({probe.get('probe_s')} s)")
     if args.probe_only:
         floors = {name: request_floor(probe, sizes, args, name) for name in args.shapes}
         print_probe_and_floors(probe, sizes, args, floors, {})

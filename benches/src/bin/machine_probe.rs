@@ -1,7 +1,8 @@
 //! What this machine can do at best, for `benches/compare/run.py`'s floors: the CPU model and
 //! the instruction sets that matter, the read bandwidth from memory with 1 and N threads, and the
 //! arithmetic peak of N threads (f32 FMA; int8 dot products where AVX-512 VNNI exists; bf16 dot
-//! products where AVX-512 BF16 exists). Prints one JSON object on stdout and takes a few seconds.
+//! products where AVX-512 BF16 exists, and on AMX tiles where the CPU has them and Linux grants
+//! them). Prints one JSON object on stdout and takes a few seconds.
 //!
 //! ```sh
 //! cargo run --release -p gpt2-benches --bin machine_probe -- --threads 2 --buffer-mib 1024
@@ -12,7 +13,9 @@
 //!   64-bit loads); best of a few passes. GB/s are 10⁹ bytes per second.
 //! - *Peaks*: every thread runs 12 independent chains of `vfmadd` (f32), `vpdpbusd` (u8 × i8 into
 //!   i32) or `vdpbf16ps` (bf16 pairs into f32) on registers, so nothing but the arithmetic units
-//!   bounds them. A multiply-add counts as 2 operations (GFLOP/s and int8 GOPS alike).
+//!   bounds them. A multiply-add counts as 2 operations (GFLOP/s and int8 GOPS alike). The AMX
+//!   peak runs 6 independent tile sums of `tdpbf16ps` (16 × 32 by 32 × 16 each), what the bf16
+//!   kernel runs at `GPT2_ISA=amx`.
 //!
 //! Instruction sets are detected at run time (`is_x86_feature_detected!`); nothing here needs
 //! `-C target-cpu=native`.
@@ -82,6 +85,8 @@ fn main() {
         kernels::has_vnni().then(|| peak(threads, kernels::VNNI_OPS_PER_ITER, kernels::vnni));
     let bf16 =
         kernels::has_bf16().then(|| peak(threads, kernels::BF16_FLOPS_PER_ITER, kernels::bf16));
+    let amx_bf16 = kernels::has_amx_bf16()
+        .then(|| peak(threads, kernels::AMX_BF16_FLOPS_PER_ITER, kernels::amx_bf16));
 
     let (model, cpuinfo_flags) = cpuinfo();
     let mut out = String::from("{");
@@ -112,6 +117,7 @@ fn main() {
     out += &format!("\"f32_fma_gflops_1_thread\":{fma_1:.1},\"f32_fma_gflops\":{fma_n:.1},");
     out += &format!("\"int8_vnni_gops\":{},", json_number(int8));
     out += &format!("\"bf16_dot_gflops\":{},", json_number(bf16));
+    out += &format!("\"amx_bf16_gflops\":{},", json_number(amx_bf16));
     out += &format!("\"probe_s\":{:.2}", started.elapsed().as_secs_f64());
     out += "}";
     println!("{out}");
@@ -265,6 +271,8 @@ mod kernels {
 
     pub const VNNI_OPS_PER_ITER: u64 = CHAINS * 64 * 2;
     pub const BF16_FLOPS_PER_ITER: u64 = CHAINS * 32 * 2;
+    /// 6 `tdpbf16ps` of 16 × 16 sums over 32 inputs.
+    pub const AMX_BF16_FLOPS_PER_ITER: u64 = 6 * 16 * 16 * 32 * 2;
 
     pub fn features() -> Vec<(&'static str, bool)> {
         vec![
@@ -276,6 +284,7 @@ mod kernels {
             ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
             ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
             ("avxvnni", is_x86_feature_detected!("avxvnni")),
+            ("amx-bf16", has_amx_bf16()),
         ]
     }
 
@@ -293,6 +302,51 @@ mod kernels {
 
     pub fn has_bf16() -> bool {
         has_avx512() && is_x86_feature_detected!("avx512bf16")
+    }
+
+    /// AMX tiles with BF16, granted to this process (asks Linux once).
+    pub fn has_amx_bf16() -> bool {
+        gpt2_model::Isa::Amx.is_supported()
+    }
+
+    pub fn amx_bf16(iters: u64) -> f32 {
+        use std::arch::asm;
+        assert!(has_amx_bf16());
+        let config = gpt2_simd::amx::TileConfig::new(&[(16, 64); 8]);
+        // 1e-3 in bf16 in every input; the sums stay small.
+        let operand = [0x3a83_3a83u32; 256];
+        let mut sums = [0.0f32; 256];
+        // SAFETY: AMX-TILE and AMX-BF16 with the tile state granted (asserted above); the loads
+        // read 16 rows of 64 bytes of `operand`, the store writes 16 rows of 64 bytes of `sums`.
+        unsafe {
+            config.load();
+            asm!(
+                "tileloadd tmm6, [{p} + {s} * 1]",
+                "tileloadd tmm7, [{p} + {s} * 1]",
+                p = in(reg) operand.as_ptr(),
+                s = in(reg) 64usize,
+                options(nostack, readonly)
+            );
+            for _ in 0..iters {
+                asm!(
+                    "tdpbf16ps tmm0, tmm6, tmm7",
+                    "tdpbf16ps tmm1, tmm6, tmm7",
+                    "tdpbf16ps tmm2, tmm6, tmm7",
+                    "tdpbf16ps tmm3, tmm6, tmm7",
+                    "tdpbf16ps tmm4, tmm6, tmm7",
+                    "tdpbf16ps tmm5, tmm6, tmm7",
+                    options(nostack, nomem)
+                );
+            }
+            asm!(
+                "tilestored [{p} + {s} * 1], tmm0",
+                p = in(reg) sums.as_mut_ptr(),
+                s = in(reg) 64usize,
+                options(nostack)
+            );
+            gpt2_simd::amx::TileConfig::release();
+        }
+        sums.iter().sum()
     }
 
     pub fn f32_isa() -> &'static str {
@@ -498,6 +552,7 @@ mod portable {
 mod kernels {
     pub const VNNI_OPS_PER_ITER: u64 = 0;
     pub const BF16_FLOPS_PER_ITER: u64 = 0;
+    pub const AMX_BF16_FLOPS_PER_ITER: u64 = 0;
 
     pub fn features() -> Vec<(&'static str, bool)> {
         Vec::new()
@@ -506,6 +561,9 @@ mod kernels {
         false
     }
     pub fn has_bf16() -> bool {
+        false
+    }
+    pub fn has_amx_bf16() -> bool {
         false
     }
     pub fn f32_isa() -> &'static str {
@@ -525,5 +583,8 @@ mod kernels {
     }
     pub fn bf16(_: u64) -> f32 {
         unreachable!("no BF16 off x86-64")
+    }
+    pub fn amx_bf16(_: u64) -> f32 {
+        unreachable!("no AMX off x86-64")
     }
 }

@@ -503,28 +503,27 @@ fn stream_prints_one_sequence_as_it_grows_and_several_as_json_events() {
     assert_eq!(out.status.code(), Some(2), "--stream and --json conflict");
 }
 
+/// `gpt2 generate` of 8 greedy tokens on the tiny model, with `extra` flags and `GPT2_ISA=isa`.
+fn tiny_greedy_with_isa(extra: &[&str], isa: &str) -> Output {
+    let model = tiny_model();
+    Command::new(env!("CARGO_BIN_EXE_gpt2"))
+        .args([
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--input",
+            "a b",
+        ])
+        .args(["--mode", "greedy", "--json", "--max-length", "8"])
+        .args(extra)
+        .env("GPT2_ISA", isa)
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn gpt2_isa_pins_the_kernels_and_a_bad_value_is_a_usage_error() {
-    let model = tiny_model();
-    let args = [
-        "generate",
-        "--model",
-        model.to_str().unwrap(),
-        "--input",
-        "a b",
-        "--mode",
-        "greedy",
-        "--json",
-        "--max-length",
-        "8",
-    ];
-    let run = |isa: &str| {
-        Command::new(env!("CARGO_BIN_EXE_gpt2"))
-            .args(args)
-            .env("GPT2_ISA", isa)
-            .output()
-            .unwrap()
-    };
+    let run = |isa: &str| tiny_greedy_with_isa(&[], isa);
     let portable = run("portable");
     assert!(portable.status.success(), "{}", stderr(&portable));
     let detected = run("");
@@ -542,4 +541,24 @@ fn gpt2_isa_pins_the_kernels_and_a_bad_value_is_a_usage_error() {
         "{message}"
     );
     assert_eq!(message.lines().count(), 1, "{message}");
+}
+
+/// `GPT2_ISA=amx` runs the bf16 matmuls on AMX tiles where the CPU and kernel allow it (the same
+/// greedy text as the `vdpbf16ps` path), and is refused with exit code 2 elsewhere.
+#[test]
+fn gpt2_isa_amx_runs_bf16_on_tiles_or_is_refused() {
+    let run = |isa: &str| tiny_greedy_with_isa(&["--dtype", "bf16"], isa);
+    let amx = run("amx");
+    if gpt2_engine::Isa::Amx.is_supported() {
+        assert!(amx.status.success(), "{}", stderr(&amx));
+        let detected = run("");
+        assert_eq!(stdout(&amx), stdout(&detected), "amx is the widest level");
+        let portable = run("portable");
+        assert!(portable.status.success(), "{}", stderr(&portable));
+        assert_eq!(stdout(&amx), stdout(&portable), "greedy text on every path");
+    } else {
+        assert_eq!(amx.status.code(), Some(2), "{}", stderr(&amx));
+        let message = stderr(&amx);
+        assert!(message.contains("does not support"), "{message}");
+    }
 }

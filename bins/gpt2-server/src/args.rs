@@ -51,7 +51,7 @@ Other environment variables:
                                   GPT2_DEADLINE_SECS is given
   SAGEMAKER_MODEL_SERVER_WORKERS  Ignored (logged): one inference worker batches every request
   RAYON_NUM_THREADS               Compute threads (default: all cores)
-  GPT2_ISA                        Kernel instruction set: portable, avx2 or avx512
+  GPT2_ISA                        Kernel instruction set: portable, avx2, avx512 or amx
   RUST_LOG                        Log filter (default: info)";
 
 #[derive(Debug, Parser)]

@@ -358,7 +358,7 @@ fn rank_row(
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe {
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe {
             rank_row_avx512(logits, normaliser, beam_score, banned, base, best)
         },
         // SAFETY: as above.

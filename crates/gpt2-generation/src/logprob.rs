@@ -14,7 +14,7 @@ pub(crate) fn log_normaliser_with(isa: Isa, logits: &[f32]) -> Option<(f32, f64)
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe { log_normaliser_avx512(logits) },
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe { log_normaliser_avx512(logits) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.is_supported() => unsafe { log_normaliser_avx2(logits) },
@@ -102,7 +102,9 @@ fn log_normaliser_f32(isa: Isa, logits: &[f32]) -> Option<(f32, f32)> {
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe { log_normaliser_f32_avx512(logits) },
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe {
+            log_normaliser_f32_avx512(logits)
+        },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.is_supported() => unsafe { log_normaliser_f32_avx2(logits) },

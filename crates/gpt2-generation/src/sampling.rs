@@ -91,7 +91,7 @@ fn survivors(isa: Isa, logits: &[f32], temperature: f32, top_k: usize) -> Vec<(u
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe {
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe {
             survivors_avx512(logits, temperature, top_k)
         },
         // SAFETY: as above.
@@ -318,7 +318,7 @@ fn argmax_with(isa: Isa, logits: &[f32]) -> Option<u32> {
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe { argmax_avx512(logits) },
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe { argmax_avx512(logits) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.is_supported() => unsafe { argmax_avx2(logits) },

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::sync::OnceLock;
 
-/// The environment variable that pins the kernels to one instruction set: `portable`, `avx2`
-/// or `avx512`. Unset or empty means the widest the CPU has.
+/// The environment variable that pins the kernels to one instruction set: `portable`, `avx2`,
+/// `avx512` or `amx`. Unset or empty means the widest the CPU has.
 pub const ISA_ENV: &str = "GPT2_ISA";
 
 /// An instruction-set level the kernels are compiled for; each level includes the ones below.
@@ -17,6 +17,11 @@ pub enum Isa {
     /// AVX-512 F, BW and DQ on top of [`Isa::Avx2`] (Skylake-SP, Ice Lake, Sapphire Rapids, Zen 4).
     /// Kernels that also need VNNI ask [`Isa::has_vnni`], BF16 [`Isa::has_avx512_bf16`].
     Avx512,
+    /// [`Isa::Avx512`] with AVX-512 BF16 plus Intel AMX's tile registers and BF16 tile products
+    /// (Sapphire Rapids and later), where Linux lets this process use them: the bf16 weight
+    /// kernel multiplies 16 × 32 by 32 × 16 blocks per instruction. Every other kernel runs its
+    /// AVX-512 body at this level.
+    Amx,
 }
 
 /// A `GPT2_ISA` value that is unknown or that this CPU cannot run.
@@ -46,7 +51,7 @@ impl std::error::Error for IsaError {}
 
 impl Isa {
     /// Every level, narrowest first.
-    pub const ALL: [Isa; 3] = [Isa::Portable, Isa::Avx2, Isa::Avx512];
+    pub const ALL: [Isa; 4] = [Isa::Portable, Isa::Avx2, Isa::Avx512, Isa::Amx];
 
     /// The name `GPT2_ISA` takes.
     pub fn name(self) -> &'static str {
@@ -54,6 +59,7 @@ impl Isa {
             Isa::Portable => "portable",
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
+            Isa::Amx => "amx",
         }
     }
 
@@ -76,18 +82,24 @@ impl Isa {
                     && std::arch::is_x86_feature_detected!("avx512bw")
                     && std::arch::is_x86_feature_detected!("avx512dq")
             }
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => {
+                Isa::Avx512.is_supported()
+                    && std::arch::is_x86_feature_detected!("avx512bf16")
+                    && crate::amx::bf16_tiles_granted()
+            }
             #[cfg(not(target_arch = "x86_64"))]
             _ => false,
         }
     }
 
-    /// Whether this level is AVX-512 and the CPU has its VNNI extension (`vpdpbusd`), which the
-    /// q8_0 kernel needs.
+    /// Whether this level is AVX-512 (or above) and the CPU has its VNNI extension
+    /// (`vpdpbusd`), which the q8_0 kernel needs.
     #[inline]
     pub fn has_vnni(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self == Isa::Avx512
+            self >= Isa::Avx512
                 && self.is_supported()
                 && std::arch::is_x86_feature_detected!("avx512vnni")
         }
@@ -97,7 +109,7 @@ impl Isa {
         }
     }
 
-    /// Whether this level is AVX-512 and the CPU has its BF16 extension (`vdpbf16ps`,
+    /// Whether this level is AVX-512 (or above) and the CPU has its BF16 extension (`vdpbf16ps`,
     /// `vcvtne2ps2bf16`), which the bf16 weight kernel uses (Zen 4, Cooper Lake, Sapphire Rapids).
     /// A `GPT2_ISA` pin below `avx512` makes this false, so the bf16 kernel falls back to
     /// widening its weights to f32.
@@ -105,7 +117,7 @@ impl Isa {
     pub fn has_avx512_bf16(self) -> bool {
         #[cfg(target_arch = "x86_64")]
         {
-            self == Isa::Avx512
+            self >= Isa::Avx512
                 && self.is_supported()
                 && std::arch::is_x86_feature_detected!("avx512bf16")
         }
@@ -168,10 +180,11 @@ impl std::str::FromStr for Isa {
             "portable" => Isa::Portable,
             "avx2" => Isa::Avx2,
             "avx512" => Isa::Avx512,
+            "amx" => Isa::Amx,
             _ => {
                 return Err(IsaError {
                     value: value.to_string(),
-                    reason: "unknown instruction set (expected portable, avx2 or avx512)",
+                    reason: "unknown instruction set (expected portable, avx2, avx512 or amx)",
                 })
             }
         };
@@ -203,6 +216,9 @@ mod tests {
         }
         assert!(!Isa::Portable.has_vnni() && !Isa::Avx2.has_vnni());
         assert!(!Isa::Portable.has_avx512_bf16() && !Isa::Avx2.has_avx512_bf16());
+        if Isa::Amx.is_supported() {
+            assert!(Isa::Amx.has_vnni() == Isa::Avx512.has_vnni() && Isa::Amx.has_avx512_bf16());
+        }
         if Isa::Avx512.has_avx512_bf16() {
             assert!(Isa::Avx512.is_supported());
         }

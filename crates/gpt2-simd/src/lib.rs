@@ -14,6 +14,8 @@
 //! assert!((exp(1.0) - std::f32::consts::E).abs() < 1e-6);
 //! ```
 
+#[cfg(target_arch = "x86_64")]
+pub mod amx;
 mod isa;
 mod math;
 

@@ -59,7 +59,7 @@ fn gelu_tanh_serial_with(isa: Isa, values: &mut [f32]) {
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe { gelu_tanh_avx512(values) },
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe { gelu_tanh_avx512(values) },
         // SAFETY: as above.
         #[cfg(target_arch = "x86_64")]
         Isa::Avx2 if isa.is_supported() => unsafe { gelu_tanh_avx2(values) },

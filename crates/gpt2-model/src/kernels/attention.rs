@@ -93,12 +93,14 @@ fn attend_runs_with<T: KvElement>(
     );
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() && d.is_multiple_of(16) && d / 16 <= MAX_VECTORS => {
+        Isa::Avx512 | Isa::Amx
+            if isa.is_supported() && d.is_multiple_of(16) && d / 16 <= MAX_VECTORS =>
+        {
             // SAFETY: the CPU has the features; the lengths were checked above.
             unsafe { attend_avx512(q, runs, scale, out) }
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx2 if Isa::Avx2.is_supported() => {
+        Isa::Amx | Isa::Avx512 | Isa::Avx2 if Isa::Avx2.is_supported() => {
             // SAFETY: the CPU has the features this function is compiled for.
             unsafe { attend_avx2(q, runs, scale, out) }
         }

@@ -10,6 +10,8 @@
 //! exact in f32 and only the f32 sums round. Every path does the same, so pinning `GPT2_ISA`
 //! changes no more than the order of float additions:
 //!
+//! - AMX (Sapphire Rapids and later, [`Isa::Amx`]): `tdpbf16ps` on tiles (`bf16_amx.rs`), which
+//!   reads this layout as it stands;
 //! - AVX-512 BF16 (Zen 4, Cooper Lake, Sapphire Rapids): `vdpbf16ps`;
 //! - AVX-512F and AVX2: the bf16 weights widened to f32 (a shift left by 16) and two FMAs per
 //!   pair, in the order `vdpbf16ps` documents (high input, then low);
@@ -184,6 +186,12 @@ impl Bf16Matrix {
             bias.len(),
             self.n
         );
+        #[cfg(target_arch = "x86_64")]
+        let body = if body == Body::Amx && !super::bf16_amx::fits(self.k) {
+            Body::Avx512Bf16
+        } else {
+            body
+        };
         let activations = Bf16Rows::new(body, x, rows, self.k);
         by_column_ranges(rows, self.n, |start, end, tile, width| {
             tile_with(
@@ -210,11 +218,15 @@ enum Body {
     Avx512,
     /// `vdpbf16ps`.
     Avx512Bf16,
+    /// `tdpbf16ps` on AMX tiles, for `k` a multiple of 32 ([`Body::Avx512Bf16`] otherwise).
+    Amx,
 }
 
 impl Body {
     fn best(isa: Isa) -> Body {
-        if isa.has_avx512_bf16() {
+        if isa == Isa::Amx && isa.is_supported() {
+            Body::Amx
+        } else if isa.has_avx512_bf16() {
             Body::Avx512Bf16
         } else if isa == Isa::Avx512 && isa.is_supported() {
             Body::Avx512
@@ -237,6 +249,9 @@ impl Body {
         }
         if Isa::Avx512.has_avx512_bf16() {
             bodies.push(Body::Avx512Bf16);
+        }
+        if Isa::Amx.is_supported() {
+            bodies.push(Body::Amx);
         }
         bodies
     }
@@ -266,9 +281,10 @@ impl Bf16Rows {
         let x = &x[..rows * k];
         let mut pairs = vec![0u32; rows * k / 2];
         match body {
-            // SAFETY: `Body::Avx512Bf16` is only chosen when the CPU has AVX-512 BF16.
+            // SAFETY: `Body::Avx512Bf16` and `Body::Amx` are only chosen when the CPU has AVX-512
+            // BF16.
             #[cfg(target_arch = "x86_64")]
-            Body::Avx512Bf16 => unsafe { round_pairs_avx512bf16(x, &mut pairs) },
+            Body::Avx512Bf16 | Body::Amx => unsafe { round_pairs_avx512bf16(x, &mut pairs) },
             _ => round_pairs(x, &mut pairs),
         }
         let half = k / 2;
@@ -283,7 +299,7 @@ impl Bf16Rows {
                 }
             }
         }
-        let values = if body == Body::Avx512Bf16 {
+        let values = if matches!(body, Body::Avx512Bf16 | Body::Amx) {
             Vec::new()
         } else {
             pairs
@@ -630,8 +646,24 @@ fn tile_with(
     #[cfg(target_arch = "x86_64")]
     if start.is_multiple_of(LANES) {
         match body {
-            // SAFETY: `Body::best` and the tests choose a body only where the CPU has its
-            // features.
+            Body::Amx => {
+                // SAFETY: `Body::best` and the tests choose a body only where the CPU has its
+                // features (for `Amx`, the tile state granted); `matmul_body` only keeps `Amx`
+                // for whole tile steps.
+                return unsafe {
+                    super::bf16_amx::tile(
+                        &m.pairs,
+                        m.k / 2,
+                        &a.pairs,
+                        a.rows,
+                        start,
+                        bias,
+                        tile,
+                        width,
+                    )
+                };
+            }
+            // SAFETY: as for `Amx`.
             Body::Avx512Bf16 => return unsafe { tile_avx512bf16(m, a, start, bias, tile, width) },
             // SAFETY: as above.
             Body::Avx512 => return unsafe { tile_avx512(m, a, start, bias, tile, width) },
@@ -728,6 +760,11 @@ mod tests {
             (13, 40, 64),
             (6, 48, 64),
             (7, 40, 32),
+            // Whole AMX tile steps (k a multiple of 32) with 16-row tiles and a short last one.
+            (17, 70, 64),
+            (33, 131, 96),
+            (48, 200, 768),
+            (16, 64, 3072),
         ] {
             let w = values(&mut seed, n * k, 0.5);
             let x = values(&mut seed, rows * k, 2.0);
@@ -745,6 +782,17 @@ mod tests {
                 assert!((a - b).abs() <= b.abs() / 256.0, "weight rounding");
             }
             let expected = reference(&m, &x, rows, &bias);
+            let magnitudes = {
+                let w = m.dequantize();
+                (0..rows * n)
+                    .map(|i| {
+                        let (r, j) = (i / n, i % n);
+                        (0..k)
+                            .map(|c| (x[r * k + c] * w[j * k + c]).abs())
+                            .sum::<f32>()
+                    })
+                    .collect::<Vec<f32>>()
+            };
             let portable = m.matmul_body(Body::Portable, &x, rows, &bias, Epilogue::Plain);
             for (o, e) in portable.iter().zip(&expected) {
                 assert!(
@@ -755,12 +803,14 @@ mod tests {
             for body in Body::available() {
                 let ours = m.matmul_body(body, &x, rows, &bias, Epilogue::Plain);
                 for (i, (o, e)) in ours.iter().zip(&portable).enumerate() {
+                    // Only the order of f32 additions differs (the tile unit adds a pair's low
+                    // product first), so the bound scales with the sum of |products|.
                     assert!(
-                        (o - e).abs() < 1e-5,
+                        (o - e).abs() <= 1e-6 * magnitudes[i] + 1e-6,
                         "{body:?} ({rows},{n},{k}) [{i}]: {o} vs {e}"
                     );
                 }
-                if body != Body::Avx512Bf16 {
+                if !matches!(body, Body::Avx512Bf16 | Body::Amx) {
                     // Exact products and the same order of additions: the same bits.
                     assert_eq!(ours, portable, "{body:?}");
                 }
@@ -795,6 +845,8 @@ mod tests {
             (3072, 768, 1),
             (768, 3072, 1),
             (50257, 768, 3),
+            (3072, 768, 5),
+            (3072, 768, 48),
         ] {
             let w = values(&mut 1u32, n * k, 0.5);
             let x = values(&mut 2u32, rows * k, 0.5);

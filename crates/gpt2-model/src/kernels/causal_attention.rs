@@ -85,7 +85,7 @@ pub(crate) fn attend_causal_with<T: KvElement>(
     let (keys, values) = (&keys[..total * d], &values[..total * d]);
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() && d.is_multiple_of(16) => {
+        Isa::Avx512 | Isa::Amx if isa.is_supported() && d.is_multiple_of(16) => {
             // SAFETY: the CPU has the features this function is compiled for; `d` is whole
             // vectors and the lengths were checked above.
             unsafe { causal_avx512(q, keys, values, d, past, scale, out) }

@@ -883,7 +883,7 @@ fn run_with<S: PanelSource>(
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 => match x86::Avx512::new() {
+        Isa::Avx512 | Isa::Amx => match x86::Avx512::new() {
             Some(kernel) => drive(kernel, x, rows, source, n, k, bias),
             None => drive(Portable, x, rows, source, n, k, bias),
         },

@@ -307,7 +307,7 @@ fn dot_rows_with(
     match isa {
         // SAFETY: the CPU was checked for the features these functions are compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe {
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe {
             dot_rows_avx512(x, rows, k, w, bias, out, stride)
         },
         // SAFETY: as above.

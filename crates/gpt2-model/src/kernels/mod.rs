@@ -8,6 +8,7 @@
 //! | `panel_f32.rs` | f32 weights (layers and LM head) stored in the GEMM's panels: one kernel for every row count |
 //! | `q8_0.rs` | q8_0 weights (ggml's 8-bit blocks) and their integer matmul |
 //! | `bf16.rs` | bf16 weights and their matmul (`vdpbf16ps`, or widening and FMA) |
+//! | `bf16_amx.rs` | the bf16 matmul on Intel AMX tiles (`tdpbf16ps`) |
 //! | `attention.rs` | one query per head over its cached keys and values (a decode step) |
 //! | `causal_attention.rs` | a prefill chunk's queries per head, each to its own position |
 //! | `activation.rs` | `gelu_new` without libm |
@@ -22,6 +23,8 @@
 pub(crate) mod activation;
 pub(crate) mod attention;
 pub(crate) mod bf16;
+#[cfg(target_arch = "x86_64")]
+mod bf16_amx;
 pub(crate) mod causal_attention;
 pub(crate) mod gemm_f32;
 pub(crate) mod layer_norm;

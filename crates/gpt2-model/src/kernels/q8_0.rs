@@ -155,8 +155,8 @@ impl Body {
         match isa {
             Isa::Portable => Body::Portable,
             _ if !supported => Body::Portable,
-            Isa::Avx512 if vnni => Body::Vnni,
-            Isa::Avx2 | Isa::Avx512 => Body::Avx2,
+            Isa::Avx512 | Isa::Amx if vnni => Body::Vnni,
+            Isa::Avx2 | Isa::Avx512 | Isa::Amx => Body::Avx2,
         }
     }
 
@@ -187,7 +187,7 @@ fn quantize_group(
     match isa {
         // SAFETY: the CPU has the features this function is compiled for.
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 if isa.is_supported() => unsafe {
+        Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe {
             quantize_group_avx512(weights, n, k, group, quants, scales)
         },
         // SAFETY: as above.
@@ -273,7 +273,7 @@ impl QuantizedRows {
         match isa {
             // SAFETY: the CPU has the features this function is compiled for.
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 if isa.is_supported() => unsafe { Self::new_avx512(x, rows, k) },
+            Isa::Avx512 | Isa::Amx if isa.is_supported() => unsafe { Self::new_avx512(x, rows, k) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 if isa.is_supported() => unsafe { Self::new_avx2(x, rows, k) },
