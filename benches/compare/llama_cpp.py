@@ -96,6 +96,31 @@ def run(cmd, env=None) -> str:
     return proc.stdout + proc.stderr
 
 
+# GGUFs llama.cpp ran with its weight repacking off, because it died with it on.
+REPACK_OFF = set()
+
+
+def run_llama(cmd) -> str:
+    """A llama.cpp benchmark run. Its weight repacking (on by default: AMX and other re-laid-out
+    weights) dies on some CPUs: on a Sapphire Rapids Xeon, q8_0 killed llama-batched-bench with
+    SIGSEGV and llama-bench with SIGILL (llama_cpp_python 0.3.36). A run killed by a signal is
+    tried once more with repacking off (llama-bench `--repack 0`, llama-batched-bench
+    `LLAMA_ARG_REPACK=false`), and the report says so."""
+    cmd = [str(c) for c in cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode < 0 or proc.returncode > 128:
+        gguf = cmd[cmd.index("-m") + 1]
+        log(f"{Path(cmd[0]).name} on {Path(gguf).name} died (exit {proc.returncode}); "
+            "again with weight repacking off")
+        REPACK_OFF.add(Path(gguf).name)
+        if Path(cmd[0]).name == "llama-bench":
+            return run(cmd + ["--repack", "0"])
+        return run(cmd, env=dict(os.environ, LLAMA_ARG_REPACK="false"))
+    if proc.returncode != 0:
+        fail(f"{' '.join(cmd)} exited {proc.returncode}", proc.stdout + proc.stderr)
+    return proc.stdout + proc.stderr
+
+
 def convert(llama_dir: Path, model_dir: Path, out_dir: Path, outtype: str) -> Path:
     """The checkpoint as GGUF of `outtype` (f32, f16, bf16, q8_0; an our-side --dtype name is
     mapped through LLAMA_TYPE_OF_DTYPE), converted once into out_dir."""
@@ -125,7 +150,7 @@ def convert(llama_dir: Path, model_dir: Path, out_dir: Path, outtype: str) -> Pa
 
 def llama_tokens_per_s(bench: Path, gguf: Path, batch: int, threads: int) -> float:
     """Generated tokens/s of one llama-batched-bench run (prompt processing included)."""
-    out = run([bench, "-m", gguf, "-c", str(batch * (5 + GENERATED) + 16), "-npp", "5",
+    out = run_llama([bench, "-m", gguf, "-c", str(batch * (5 + GENERATED) + 16), "-npp", "5",
                "-ntg", str(GENERATED), "-npl", str(batch), "-t", str(threads), "-tb", str(threads)])
     # Table rows: | PP | TG | B | N_KV | T_PP s | S_PP t/s | T_TG s | S_TG t/s | T s | S t/s |
     for line in out.splitlines():
@@ -139,7 +164,7 @@ def llama_tokens_per_s(bench: Path, gguf: Path, batch: int, threads: int) -> flo
 
 def llama_pp_tokens_per_s(llama_bench: Path, gguf: Path, tokens: int, threads: int) -> float:
     """llama-bench's prompt-processing rate (tokens/s) for a `tokens`-token prompt, one rep."""
-    out = run([llama_bench, "-m", gguf, "-p", str(tokens), "-n", "0", "-t", str(threads),
+    out = run_llama([llama_bench, "-m", gguf, "-p", str(tokens), "-n", "0", "-t", str(threads),
                "-r", "1", "-o", "jsonl"])
     for line in out.splitlines():
         if line.startswith("{"):
@@ -368,6 +393,9 @@ def main(argv=None) -> None:
               f"| {max(ours):.1f} / {max(theirs):.1f} = {max(ours) / max(theirs):.2f}× "
               f"| {', '.join(f'{v:.1f}' for v in ours)} "
               f"| {', '.join(f'{v:.1f}' for v in theirs)} | {disturbed:.0%} |")
+    if REPACK_OFF:
+        print(f"\nllama.cpp died with its weight repacking on for {', '.join(sorted(REPACK_OFF))}; "
+              "those runs had it off (`--no-repack`).")
 
 
 if __name__ == "__main__":

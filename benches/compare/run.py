@@ -350,6 +350,8 @@ def run_llama_cpp(args, shapes: dict) -> None:
             theirs = lc.llama_tokens_per_s(bench, gguf, batch, args.threads)
             entry["llama_cpp"] = {"tokens_per_s": theirs, "sequences": batch,
                                   "weights": lc.LLAMA_TYPE_OF_DTYPE[args.dtype]}
+            if lc.REPACK_OFF:
+                entry["llama_cpp"]["repack"] = False
             if entry["ours"]["tokens_per_s"]:
                 entry["vs_llama_cpp"] = entry["ours"]["tokens_per_s"] / theirs
     except SystemExit:
@@ -940,6 +942,10 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "above 1 means gpt2-rs is faster; *not run* without `--llama-cpp DIR`.",
             "",
         ]
+        if any(e.get("llama_cpp", {}).get("repack") is False for e in shapes.values()):
+            parts += ["llama.cpp died with its weight repacking on (its AMX and repacked "
+                      "kernels), so its runs here had it off (`--no-repack`); see "
+                      "`benches/compare/llama_cpp.py`.", ""]
     else:
         parts += ["(not run)", ""]
     parts += ["## Concurrency (gpt2-server)", ""]

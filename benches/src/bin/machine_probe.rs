@@ -284,7 +284,6 @@ mod kernels {
             ("avx512vnni", is_x86_feature_detected!("avx512vnni")),
             ("avx512bf16", is_x86_feature_detected!("avx512bf16")),
             ("avxvnni", is_x86_feature_detected!("avxvnni")),
-            ("amx-bf16", has_amx_bf16()),
         ]
     }
 
