@@ -6,8 +6,8 @@
 //! `(k/2, 16)` words of 2 bf16, is the tile instruction's second operand as it stands (16 words
 //! of pair `p` form its row `p`), and the activation rows rounded to bf16 pairs, `(rows, k/2)`,
 //! are its first operand with a row stride of `k/2` words. The products are exact in f32, as in
-//! the other bodies; the tile unit adds each pair low input first, `vdpbf16ps` high first, so
-//! the two differ in the last bits of a sum.
+//! the other bodies; the tile unit adds them in its own order, so its sums differ from
+//! `vdpbf16ps`'s in the last bits.
 //!
 //! Two tile layouts, by the number of rows:
 //!
@@ -23,8 +23,9 @@
 //!   activation tiles come from L2 (a 48-row pass of 768 inputs is 73 KB, L1 holds 48), about
 //!   4 KB of loads per 3 products.
 //!
-//! Measured on a 2-core Sapphire Rapids Xeon (probe: `vdpbf16ps` 154 GFLOP/s on both cores,
-//! f32 FMA 275): see `docs/performance-bf16.md` for the decode and prefill figures.
+//! Measured on a 2-core Xeon with AMX (probe: `vdpbf16ps` 143–172 GFLOP/s on both cores, f32
+//! FMA 265–297, tiles 3348–4358): see `docs/performance-xeon.md` for the decode and prefill
+//! figures.
 
 use std::arch::asm;
 
