@@ -806,8 +806,12 @@ mod tests {
             for body in Body::available() {
                 let ours = m.matmul_body(body, &x, rows, &bias, Epilogue::Plain);
                 for (i, (o, e)) in ours.iter().zip(&portable).enumerate() {
-                    // Only the order of f32 additions differs (the tile unit has its own), so
-                    // the bound scales with the sum of |products|.
+                    assert!(
+                        (o - e).abs() < 1e-5 || body == Body::Amx,
+                        "{body:?} ({rows},{n},{k}) [{i}]: {o} vs {e}"
+                    );
+                    // The tile unit adds in its own order, so its bound scales with the sum of
+                    // |products| (long sums of large terms drift past 1e-5).
                     assert!(
                         (o - e).abs() <= 1e-6 * magnitudes[i] + 1e-6,
                         "{body:?} ({rows},{n},{k}) [{i}]: {o} vs {e}"
