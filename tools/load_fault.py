@@ -1620,15 +1620,18 @@ def phase_sigterm(run, fig, srv, cfg):
     pid = srv.proc.pid
     term_at = time.monotonic()
     os.kill(pid, signal.SIGTERM)
-    # New connections are refused soon after.
-    refused_after = None
+    # New connections are refused soon after. A probe whose handshake goes unanswered counts as
+    # not accepted, after a short wait: with a 1 s wait, one such probe (seen once in a
+    # fresh-clone run on a 2-vCPU Xeon) made the refusal read 1001 ms, and the idle connections'
+    # closing, which the watcher only looks at after this loop, 1.004 s.
+    refused_after, refused_how = None, None
     while time.monotonic() - term_at < 3:
         try:
-            probe = socket.create_connection((LOOPBACK, srv.port), timeout=1)
+            probe = socket.create_connection((LOOPBACK, srv.port), timeout=0.25)
             probe.close()
             time.sleep(0.01)
-        except OSError:
-            refused_after = time.monotonic() - term_at
+        except OSError as e:
+            refused_after, refused_how = time.monotonic() - term_at, type(e).__name__
             break
     results = [None] * k
 
@@ -1678,6 +1681,7 @@ def phase_sigterm(run, fig, srv, cfg):
         "answered_by_s": round(max(r[2] for r in results if r), 2) if any(results) else None,
         "exit_code": code, "exit_s": round(exit_s, 2), "grace_s": cfg.grace,
         "new_connections_refused_after_ms": ms(refused_after) if refused_after is not None else None,
+        "new_connections_refused_by": refused_how,
         "idle_and_half_sent": len(idle), "idle_closed_max_s": round(max(idle_closed), 3) if idle_closed else None,
         "dropped_lines": sum(1 for line in logs if "grace period ended" in str(line.get("message"))),
         "body_in_progress": [progress.get("status"), round(progress.get("s", 0), 2)],
@@ -1687,7 +1691,7 @@ def phase_sigterm(run, fig, srv, cfg):
     run.check("exit code 0 within the grace period", code == 0 and exit_s <= cfg.grace,
               f"exit {code} after {exit_s:.2f} s (grace {cfg.grace} s)")
     run.check("no new connections after SIGTERM", refused_after is not None and refused_after < 1.0,
-              f"refused after {fig['new_connections_refused_after_ms']} ms")
+              f"refused after {fig['new_connections_refused_after_ms']} ms ({refused_how})")
     run.check("idle and half-sent connections closed at once", len(idle_closed) == len(idle)
               and (not idle_closed or max(idle_closed) < 1.0), f"{len(idle_closed)}/{len(idle)}, "
               f"max {fig['idle_closed_max_s']} s")
