@@ -905,6 +905,11 @@ mod tests {
             (6, 48, 64),
             (11, 40, 64),
             (16, 35, 32),
+            // Many rows: groups of six and their remainders, odd and even block counts.
+            (8, 64, 96),
+            (20, 70, 96),
+            (48, 130, 128),
+            (33, 16, 768),
         ] {
             let w = values(&mut seed, n * k, 0.5);
             let x = values(&mut seed, rows * k, 0.5);
