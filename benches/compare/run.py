@@ -20,6 +20,9 @@ Steps:
      request to /invocations; generated tokens come from the server's JSON log lines.
   4b. with --llama-cpp DIR: llama.cpp's llama-batched-bench on the same checkpoint (GGUF, same
      weight format) for the default (3 sequences) and greedy (1) shapes, via llama_cpp.py.
+  4c. machine_probe again after the single requests (and llama.cpp's): the report says how far
+     the read bandwidth and the format's peak moved, and warns above 10% (the floors stay those
+     of the first probe).
   5. print a table; write docs/performance.md, docs/performance.png, docs/performance.json
      (or next to --output).
 
@@ -282,6 +285,39 @@ def probe_summary_rows(probe: dict):
         ("bf16 tile peak", f"{probe['amx_bf16_gflops']:.0f} GFLOP/s (AMX tdpbf16ps)"
          if probe.get("amx_bf16_gflops") else "– (no AMX-BF16)"),
     ]
+
+
+# The probe figures compared before and after the single requests.
+PROBE_MOVES = ("read_gbs", "f32_fma_gflops", "int8_vnni_gops", "bf16_dot_gflops",
+               "amx_bf16_gflops")
+# How far a probe figure may move during a run before the report warns about its floors.
+PROBE_MOVE_WARN = 0.10
+
+
+def probe_moves_markdown(probe: dict, args) -> list:
+    """How far the read bandwidth and this format's peak moved between the first probe and the
+    one after the single requests, with a warning when either moved by more than 10%."""
+    after = probe.get("after_single_requests")
+    if not after:
+        return []
+    _, peak_key = peak_for(probe, args.dtype)
+    moves = []
+    for key, label, unit in (("read_gbs", "read bandwidth", "GB/s"),
+                             (peak_key, f"`{peak_key}`", "G operations/s")):
+        before, later = probe.get(key), after.get(key)
+        if before and later:
+            moves.append((label, unit, before, later, later / before - 1))
+    if not moves:
+        return []
+    said = ", ".join(f"{label} {before:.1f} → {later:.1f} {unit} ({move:+.0%})"
+                     for label, unit, before, later, move in moves)
+    parts = [f"The probe ran again after the single requests: {said}. The floors above use the "
+             "first probe."]
+    if any(abs(move) > PROBE_MOVE_WARN for *_, move in moves):
+        parts[0] += (" **The machine's speed moved by more than 10% during the run**: the "
+                     "*ours × floor* column is off by up to that much, and only runs that "
+                     "alternate what they compare say more.")
+    return parts + [""]
 
 
 def floor_rows(floors: dict, shapes: dict):
@@ -886,6 +922,7 @@ def floors_markdown(probe: dict, sizes: dict, args, floors: dict, shapes: dict) 
         md_table(*floor_rows(floors, shapes)),
         "",
     ]
+    parts += probe_moves_markdown(probe, args)
     if any(f["steps_from"] not in ("max_length", "reported") for f in floors.values()):
         parts += ["\\* some sequences ended at EOS: passes = ceil(generated tokens / returned "
                   "sequences), the fewest the longest one can have.", ""]
@@ -1125,6 +1162,14 @@ def main(argv=None) -> int:
         shapes = run_shapes(args, Path(tmp)) if args.shapes else {}
     if args.llama_cpp is not None and shapes:
         run_llama_cpp(args, shapes)
+    if shapes:
+        # A shared VM's speed can move by half within minutes (a 2-core Xeon read 16.5 to
+        # 24.7 GB/s in one evening): probe again after the single requests, and the report says
+        # how far the machine moved under the floors it gives.
+        again = run_probe(args)
+        probe["after_single_requests"] = {key: again.get(key) for key in PROBE_MOVES}
+        log(f"probe again after the single requests: read {again['read_gbs']:.1f} GB/s "
+            f"({again['read_gbs'] / probe['read_gbs'] - 1:+.0%} from the first probe)")
     floors = {name: request_floor(probe, sizes, args, name, shapes.get(name, {}).get("ours"))
               for name in args.shapes}
     levels, streamed = run_sweep(args) if sweep else ([], None)
