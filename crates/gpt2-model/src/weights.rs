@@ -379,8 +379,11 @@ impl NamedTensors {
     ) -> Result<crate::kernels::q8_0::Q8Matrix, ModelError> {
         use crate::kernels::q8_0::Q8Matrix;
         let (n_in, n_out) = (shape[0], shape[1]);
-        let quantize_transposed =
-            |data: &[f32]| Q8Matrix::quantize(&transposed(data, n_in, n_out), n_out, n_in);
+        let quantize_transposed = |data: &[f32]| {
+            let mut out_in = vec![0.0f32; data.len()];
+            crate::memory::transpose_into(data, n_in, n_out, &mut out_in);
+            Q8Matrix::quantize(&out_in, n_out, n_in)
+        };
         self.take_built(name, shape, quantize_transposed)
     }
 
@@ -421,52 +424,6 @@ impl NamedTensors {
                 let data = to_f32(&view).map_err(bad_file)?;
                 release_mapped(view.data());
                 from_data(&data, shape).map_err(tensor_error)
-            }
-        }
-    }
-}
-
-/// Output columns per task of [`transposed`]: 32 output rows fill 32 cache-line streams while
-/// each input row gives up two lines.
-const TRANSPOSE_BLOCK: usize = 32;
-
-/// `(rows, cols)` row-major → `(cols, rows)` row-major, in column blocks on the pool's threads.
-/// Element by element, the scattered stores made the transposes of a q8_0 load 12% of a
-/// `weight_formats` run's samples on a 2-core Xeon (`perf record`): 0.5 s of its 1.9 s load.
-fn transposed(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    use rayon::prelude::*;
-    assert_eq!(data.len(), rows * cols, "transpose of ({rows}, {cols})");
-    let mut out = vec![0.0f32; data.len()];
-    if rows == 0 {
-        return out;
-    }
-    out.par_chunks_mut(TRANSPOSE_BLOCK * rows)
-        .enumerate()
-        .for_each(|(block, chunk)| {
-            let first = block * TRANSPOSE_BLOCK;
-            let width = chunk.len() / rows;
-            for (r, row) in data.chunks_exact(cols).enumerate() {
-                for (c, &value) in row[first..first + width].iter().enumerate() {
-                    chunk[c * rows + r] = value;
-                }
-            }
-        });
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn transposed_swaps_rows_and_columns_across_blocks() {
-        for (rows, cols) in [(3, 5), (40, 70), (1, 33), (65, 32), (0, 4)] {
-            let data: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
-            let out = transposed(&data, rows, cols);
-            for r in 0..rows {
-                for c in 0..cols {
-                    assert_eq!(out[c * rows + r], data[r * cols + c], "({rows}, {cols})");
-                }
             }
         }
     }
