@@ -17,7 +17,11 @@ Steps:
        hf_bench.py --model DIR --shape S --runs N --threads T
        RAYON_NUM_THREADS=T target/release/gpt2 bench --model DIR --request FILE --runs N --warmup 1
   4. concurrency sweep: start target/release/gpt2-server, N client threads POST the default
-     request to /invocations; generated tokens come from the server's JSON log lines.
+     request to /invocations; generated tokens come from the server's JSON log lines. Around
+     each level, `machine_probe --peaks-only` (about a second) measures the arithmetic peaks
+     again: a level's *steps % of peak* is taken against the mean of the two, the machine of
+     that minute, not the first probe's (a 2-core Xeon's f32 peak read 200 and 286 GFLOP/s
+     minutes apart, which put the same steps at 71% or 49% of the peak).
   4b. with --llama-cpp DIR: llama.cpp's llama-batched-bench on the same checkpoint (GGUF, same
      weight format) for the default (3 sequences) and greedy (1) shapes, via llama_cpp.py.
   4c. machine_probe again after the single requests (and llama.cpp's): the report says how far
@@ -155,12 +159,15 @@ def ensure_checkpoint(model_dir: Path) -> None:
 # The machine's floor
 
 
-def run_probe(args) -> dict:
-    """machine_probe's JSON: CPU model and flags, read GB/s, f32 / bf16 / int8 peaks."""
+def run_probe(args, peaks_only: bool = False) -> dict:
+    """machine_probe's JSON: CPU model and flags, read GB/s, f32 / bf16 / int8 peaks (with
+    `peaks_only`, the peaks alone, in about a second)."""
     if not args.probe_bin.is_file():
         raise BenchError(f"{args.probe_bin} does not exist; build it (drop --no-build)")
-    log(f"probing the machine ({args.threads} threads, loadavg {loadavg()})")
-    proc = run_checked([args.probe_bin, "--threads", args.threads])
+    if not peaks_only:
+        log(f"probing the machine ({args.threads} threads, loadavg {loadavg()})")
+    proc = run_checked([args.probe_bin, "--threads", args.threads]
+                       + (["--peaks-only"] if peaks_only else []))
     return last_json_line(proc.stdout, "machine_probe")
 
 
@@ -254,13 +261,30 @@ def sweep_floor(probe: dict, sizes: dict, args, clients: int) -> dict:
     return {"rows": rows, "step_s": f["s"], "bound": f["bound"], "tokens_per_s": rows / f["s"]}
 
 
-def steps_peak_fraction(probe: dict, sizes: dict, args, steps: dict):
+# The probe fields a peaks-only probe around each sweep level measures again.
+PEAK_KEYS = ("f32_fma_gflops", "int8_vnni_gops", "bf16_dot_gflops", "amx_bf16_gflops")
+
+
+def peaks_around(before: dict, after: dict) -> dict:
+    """The peaks of the probes just before and just after a sweep level, and their means."""
+    around = {"before": {k: before.get(k) for k in PEAK_KEYS},
+              "after": {k: after.get(k) for k in PEAK_KEYS}}
+    around["mean"] = {k: (before[k] + after[k]) / 2 if before.get(k) and after.get(k) else None
+                      for k in PEAK_KEYS}
+    return around
+
+
+def steps_peak_fraction(probe: dict, sizes: dict, args, steps: dict, around=None):
     """The fraction of the arithmetic peak the level's decode steps ran at: the compute floor of
-    a step of their mean rows over their mean time. Prompt chunks that ride in a step add work
-    the floor does not count, so this is a lower bound."""
+    a step of their mean rows over their mean time, at the mean peak of the probes around the
+    level when they ran (else the first probe's). Prompt chunks that ride in a step add work the
+    floor does not count, so this is a lower bound."""
     if not steps.get("mean_step_s") or not steps.get("mean_rows"):
         return None
-    compute = step_floor(probe, sizes, args.dtype, args.kv_dtype, steps["mean_rows"],
+    peaks = dict(probe)
+    if around:
+        peaks.update({k: v for k, v in around["mean"].items() if v})
+    compute = step_floor(peaks, sizes, args.dtype, args.kv_dtype, steps["mean_rows"],
                          MAX_LENGTH // 2)["compute_s"]
     return compute / steps["mean_step_s"]
 
@@ -712,10 +736,15 @@ def run_sweep(args) -> tuple:
         for n in args.clients:
             per_client = max(args.requests_per_client, 3) if n == 1 else args.requests_per_client
             log(f"sweep: {n} client(s) x {per_client} request(s) (loadavg {loadavg()})")
+            before = run_probe(args, peaks_only=True)
             level = sweep_level(server, n, per_client, seed_base)
+            level["peaks_around"] = peaks_around(before, run_probe(args, peaks_only=True))
             seed_base += n * per_client
+            peak, peak_key = peak_for(level["peaks_around"]["mean"], args.dtype)
             log(f"  {level['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
-                f"p50 {level['p50_latency_s']:.3f} s, p99 {level['p99_latency_s']:.3f} s")
+                f"p50 {level['p50_latency_s']:.3f} s, p99 {level['p99_latency_s']:.3f} s; "
+                f"{peak_key} {level['peaks_around']['before'][peak_key]:.0f} before the level, "
+                f"{level['peaks_around']['after'][peak_key]:.0f} after")
             levels.append(level)
     finally:
         server.stop()
@@ -819,10 +848,18 @@ def shapes_rows(shapes: dict, floors: dict, llama_ran: bool):
     return header, rows
 
 
-def sweep_rows(levels: list):
+def peaks_cell(around, args) -> str:
+    """The format's peak in the probes before and after a level: "before / after"."""
+    if not around:
+        return "–"
+    _, key = peak_for(around["mean"], args.dtype)
+    return f"{around['before'][key]:.0f} / {around['after'][key]:.0f}"
+
+
+def sweep_rows(levels: list, args):
     header = ["clients", "requests", "aggregate tok/s", "vs 1 client", "p50 latency s",
               "p99 latency s", "p50 / lone request", "p50 first token s", "floor tok/s",
-              "× floor", "rows / step", "ms / step", "steps % of peak"]
+              "× floor", "rows / step", "ms / step", "peak around", "steps % of peak"]
     rows = []
     for lv in levels:
         fl = lv.get("floor") or {}
@@ -837,6 +874,7 @@ def sweep_rows(levels: list):
                            fl["tokens_per_s"] / lv["aggregate_tokens_per_s"]),
                      fmt(st.get("mean_rows"), ".1f"),
                      fmt(st.get("mean_step_s") and st["mean_step_s"] * 1000, ".1f"),
+                     peaks_cell(lv.get("peaks_around"), args),
                      fmt(st.get("peak_fraction") and st["peak_fraction"] * 100, ".0f")])
     return header, rows
 
@@ -990,7 +1028,7 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
         parts += [
             f"![throughput and latency vs clients]({png.name})",
             "",
-            md_table(*sweep_rows(levels)),
+            md_table(*sweep_rows(levels, args)),
             "",
         ]
         hf = hf_default_tps(shapes)
@@ -1014,8 +1052,10 @@ def write_markdown(path: Path, png: Path, jsn: Path, meta: dict, args, shapes: d
             "the mean sequences and duration of the level's decode steps (the server's "
             "`gpt2_decode_step_duration_seconds` and `gpt2_decode_batch_rows` from `GET /metrics`, "
             "read before and after the level; a step's time includes sampling its rows and any "
-            "prompt chunk riding in it); *steps % of peak* is the compute floor of a step of "
-            "those rows (2 operations per matmul weight per row at the probe's peak) over that "
+            "prompt chunk riding in it); *peak around* is the format's arithmetic peak (G "
+            "operations/s) that `machine_probe --peaks-only` measured just before and just "
+            "after the level; *steps % of peak* is the compute floor of a step of those rows (2 "
+            "operations per matmul weight per row at the mean of those two peaks) over that "
             "time, a lower bound since the chunks' work is not counted.",
             "",
         ]
@@ -1175,8 +1215,10 @@ def main(argv=None) -> int:
     levels, streamed = run_sweep(args) if sweep else ([], None)
     for lv in levels:
         lv["floor"] = sweep_floor(probe, sizes, args, lv["clients"])
-        lv["decode_steps"]["peak_fraction"] = steps_peak_fraction(probe, sizes, args,
-                                                                  lv["decode_steps"])
+        lv["decode_steps"]["peak_fraction"] = steps_peak_fraction(
+            probe, sizes, args, lv["decode_steps"], lv.get("peaks_around"))
+        lv["decode_steps"]["peak_fraction_first_probe"] = steps_peak_fraction(
+            probe, sizes, args, lv["decode_steps"])
 
     out_md = args.output
     out_png = out_md.with_suffix(".png")
@@ -1191,7 +1233,7 @@ def main(argv=None) -> int:
         print()
     if levels:
         print("Concurrency sweep (gpt2-server, default request)")
-        print(text_table(*sweep_rows(levels)))
+        print(text_table(*sweep_rows(levels, args)))
         print(f"Streamed default request alone: first token after "
               f"{streamed['median_first_token_s']:.3f} s (median of {streamed['runs']})")
         hf = hf_default_tps(shapes)

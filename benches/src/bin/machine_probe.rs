@@ -8,6 +8,10 @@
 //! cargo run --release -p gpt2-benches --bin machine_probe -- --threads 2 --buffer-mib 1024
 //! ```
 //!
+//! `--peaks-only` skips the read bandwidth (its fields are `null`, `read_passes` 0) and takes
+//! about a second: `run.py` runs it around each level of its client sweep, so that a level's
+//! share of the peak is taken against the machine of that minute.
+//!
 //! - *Read bandwidth*: every thread sums its share of a buffer much larger than the last-level
 //!   cache (1 GiB by default) with the widest SIMD loads the CPU has (AVX-512, AVX2, else plain
 //!   64-bit loads); best of a few passes. GB/s are 10⁹ bytes per second.
@@ -37,10 +41,11 @@ const CHAINS: u64 = 12;
 struct Options {
     threads: usize,
     buffer_mib: usize,
+    peaks_only: bool,
 }
 
 fn usage() -> ! {
-    eprintln!("usage: machine_probe [--threads N] [--buffer-mib M]");
+    eprintln!("usage: machine_probe [--threads N] [--buffer-mib M] [--peaks-only]");
     std::process::exit(2);
 }
 
@@ -48,6 +53,7 @@ fn parse_options() -> Options {
     let mut options = Options {
         threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
         buffer_mib: 1024,
+        peaks_only: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -60,6 +66,7 @@ fn parse_options() -> Options {
         match arg.as_str() {
             "--threads" => options.threads = value(&mut args),
             "--buffer-mib" => options.buffer_mib = value(&mut args),
+            "--peaks-only" => options.peaks_only = true,
             _ => usage(),
         }
     }
@@ -71,12 +78,16 @@ fn main() {
     let started = Instant::now();
     let threads = options.threads;
 
-    let words = options.buffer_mib * (1 << 20) / 8;
-    let buffer = filled_buffer(words, threads);
-    let bytes = (words * 8) as f64;
-    let (read_1, _) = best_of(|| bytes / timed_read(&buffer, 1) / 1e9);
-    let (read_n, passes) = best_of(|| bytes / timed_read(&buffer, threads) / 1e9);
-    drop(buffer);
+    let (read_1, read_n, passes) = if options.peaks_only {
+        (None, None, 0)
+    } else {
+        let words = options.buffer_mib * (1 << 20) / 8;
+        let buffer = filled_buffer(words, threads);
+        let bytes = (words * 8) as f64;
+        let (read_1, _) = best_of(|| bytes / timed_read(&buffer, 1) / 1e9);
+        let (read_n, passes) = best_of(|| bytes / timed_read(&buffer, threads) / 1e9);
+        (Some(read_1), Some(read_n), passes)
+    };
 
     let f32_isa = kernels::f32_isa();
     let fma_1 = peak(1, kernels::fma_flops_per_iter(), kernels::fma);
@@ -112,7 +123,12 @@ fn main() {
         "\"buffer_mib\":{},\"read_passes\":{passes},",
         options.buffer_mib
     );
-    out += &format!("\"read_gbs_1_thread\":{read_1:.2},\"read_gbs\":{read_n:.2},");
+    let gbs = |x: Option<f64>| x.map_or_else(|| "null".to_string(), |x| format!("{x:.2}"));
+    out += &format!(
+        "\"read_gbs_1_thread\":{},\"read_gbs\":{},",
+        gbs(read_1),
+        gbs(read_n)
+    );
     out += &format!("\"f32_isa\":{},", json_string(f32_isa));
     out += &format!("\"f32_fma_gflops_1_thread\":{fma_1:.1},\"f32_fma_gflops\":{fma_n:.1},");
     out += &format!("\"int8_vnni_gops\":{},", json_number(int8));
