@@ -30,7 +30,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from run import SHAPES, BenchError, last_json_line, run_checked  # noqa: E402
+from run import SHAPES, BenchError, exit_with, last_json_line, run_checked  # noqa: E402
 
 
 def log(msg: str) -> None:
@@ -163,11 +163,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    exit_with(main)

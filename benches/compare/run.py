@@ -1257,7 +1257,9 @@ def main(argv=None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def exit_with(main) -> None:
+    """Runs a script's `main` and exits with its code: 1 with one line on stderr on a
+    BenchError, 130 on Ctrl-C (shared with ab.py)."""
     try:
         sys.exit(main())
     except BenchError as e:
@@ -1266,3 +1268,7 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    exit_with(main)
