@@ -740,7 +740,7 @@ def run_sweep(args) -> tuple:
             level = sweep_level(server, n, per_client, seed_base)
             level["peaks_around"] = peaks_around(before, run_probe(args, peaks_only=True))
             seed_base += n * per_client
-            peak, peak_key = peak_for(level["peaks_around"]["mean"], args.dtype)
+            _, peak_key = peak_for(level["peaks_around"]["mean"], args.dtype)
             log(f"  {level['aggregate_tokens_per_s']:.1f} tok/s aggregate, "
                 f"p50 {level['p50_latency_s']:.3f} s, p99 {level['p99_latency_s']:.3f} s; "
                 f"{peak_key} {level['peaks_around']['before'][peak_key]:.0f} before the level, "
