@@ -490,8 +490,9 @@ fn tile_portable(
 /// Outputs `start..start + bias.len()` for every row, `start` a multiple of 16: up to three rows
 /// take groups of 16 outputs four at a time; more rows take them two at a time, rows up to six at
 /// a time (a lone group four at a time). Six rows hold 12 accumulators and 12 block sums of the
-/// 32 registers; a 5-beam step had run 4 rows and then 1, reading its weights twice. 124M q8_0 beam request 0.777 → 0.713 s, `q8_0_decode_throughput`
-/// at 5 rows 4.06–4.52 → 3.59–4.12 ms (interleaved rounds, 2-vCPU EPYC); 3 rows unchanged.
+/// 32 registers; a 5-beam step had run 4 rows and then 1, reading its weights twice. 124M q8_0
+/// beam request 0.777 → 0.713 s, `q8_0_decode_throughput` at 5 rows 4.06–4.52 → 3.59–4.12 ms
+/// (interleaved rounds, 2-vCPU EPYC); 3 rows unchanged.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 fn tile_avx512(
