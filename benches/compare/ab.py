@@ -97,7 +97,8 @@ def report(variants: list, rounds: list) -> list:
 
 def print_report(args, summaries: list, rounds: int) -> None:
     base = summaries[0]
-    print(f"{args.shape}, --dtype {args.dtype} --kv-dtype {args.kv_dtype}, {rounds} rounds of "
+    sequences = f" × {args.sequences} sequences" if args.sequences else ""
+    print(f"{args.shape}{sequences}, --dtype {args.dtype} --kv-dtype {args.kv_dtype}, {rounds} rounds of "
           f"{args.runs} runs, {args.threads} threads; ratios are per round, against {base['name']}")
     header = ["variant", "min s", "p25 s", "median s", "× base (median of rounds)",
               "range", "faster in", "tokens"]
@@ -120,6 +121,9 @@ def parse_args(argv=None):
                     help="the builds to compare; the first is the baseline")
     ap.add_argument("--model", type=Path, required=True, help="checkpoint directory")
     ap.add_argument("--shape", default="default", choices=list(SHAPES))
+    ap.add_argument("--sequences", type=int,
+                    help="num_return_sequences for the shape's request (the contract allows up to 16; "
+                         "beam: at most its 5 beams): 16 makes a decode step of 16 rows")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "q8_0"])
     ap.add_argument("--kv-dtype", default="f32", choices=["f32", "f16"])
     ap.add_argument("--rounds", type=int, default=6, help="rounds, each running every variant")
@@ -127,8 +131,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--output", type=Path, help="also write the raw figures here as JSON")
     args = ap.parse_args(argv)
-    for name in ("rounds", "runs", "threads"):
-        if getattr(args, name) < 1:
+    for name in ("rounds", "runs", "threads", "sequences"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             ap.error(f"--{name} must be >= 1")
     if not (args.model / "config.json").is_file():
         ap.error(f"{args.model} has no config.json")
@@ -141,10 +145,13 @@ def main(argv=None) -> int:
     names = [v["name"] for v in variants]
     if len(set(names)) != len(names):
         raise BenchError(f"variant names repeat: {names}")
+    request = dict(SHAPES[args.shape])
+    if args.sequences is not None:
+        request["num_return_sequences"] = args.sequences
     rounds = []
     with tempfile.TemporaryDirectory(prefix="gpt2-ab-") as tmp:
         request_file = Path(tmp) / f"{args.shape}.json"
-        request_file.write_text(json.dumps(SHAPES[args.shape]))
+        request_file.write_text(json.dumps(request))
         for r in range(args.rounds):
             results = {}
             for variant in rotated(variants, r):
@@ -156,7 +163,7 @@ def main(argv=None) -> int:
     print_report(args, summaries, len(rounds))
     if args.output:
         args.output.write_text(json.dumps(
-            {"shape": args.shape, "request": SHAPES[args.shape], "dtype": args.dtype,
+            {"shape": args.shape, "request": request, "dtype": args.dtype,
              "kv_dtype": args.kv_dtype, "runs": args.runs, "threads": args.threads,
              "summaries": summaries, "rounds": rounds}, indent=2, default=str) + "\n")
     return 0

@@ -52,7 +52,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -64,6 +63,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE))
+
+from run import cpu_model  # noqa: E402
+
 PROMPT = "This is an input text"
 GENERATED = 95
 BATCHES = {
@@ -198,16 +201,6 @@ def pp_prompt(gpt2: Path, model_dir: Path, tokens: int) -> str:
     if len(ids) != tokens:
         fail(f"the {tokens}-word prompt is {len(ids)} tokens, not {tokens}")
     return text
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def llama_version(bench: Path) -> str:

@@ -289,11 +289,16 @@ def steps_peak_fraction(probe: dict, sizes: dict, args, steps: dict, around=None
     return compute / steps["mean_step_s"]
 
 
+def probe_cpu(probe: dict) -> str:
+    signature = probe.get("cpu_signature")
+    return probe.get("cpu_model", "?") + (f" ({signature})" if signature else "")
+
+
 def probe_summary_rows(probe: dict):
     flags = [k for k, on in probe.get("features", {}).items() if on]
     amx = [f for f in probe.get("cpuinfo_flags", []) if f.startswith("amx")]
     return [
-        ("CPU", probe.get("cpu_model", "?")),
+        ("CPU", probe_cpu(probe)),
         ("flags", ", ".join(flags + amx) or "none detected"),
         ("threads", f"{probe['threads']} of {probe.get('logical_cpus', '?')} logical CPUs"),
         ("read bandwidth", f"{probe['read_gbs']:.1f} GB/s with {probe['threads']} threads, "
@@ -762,13 +767,21 @@ def run_sweep(args) -> tuple:
 
 
 def cpu_model() -> str:
+    """The CPU's model name, with its family and model numbers where /proc/cpuinfo has them:
+    "AMD EPYC" alone names Zen 4 and Zen 5 alike (family 25 and 26)."""
+    fields = {}
     try:
         for line in open("/proc/cpuinfo"):
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip().lower(), value.strip())
+            if not line.strip():
+                break
     except OSError:
         pass
-    return platform.processor() or platform.machine() or "unknown"
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def pkg_version(name: str) -> str:
@@ -1185,7 +1198,7 @@ def main(argv=None) -> int:
     # The probe runs first, on an idle machine, before either engine has loaded anything.
     probe = run_probe(args)
     sizes = model_sizes(args.model_dir)
-    log(f"{probe.get('cpu_model')}: read {probe['read_gbs']:.1f} GB/s, f32 FMA "
+    log(f"{probe_cpu(probe)}: read {probe['read_gbs']:.1f} GB/s, f32 FMA "
         f"{probe['f32_fma_gflops']:.0f} GFLOP/s, int8 {probe.get('int8_vnni_gops')} GOPS, "
         f"bf16 {probe.get('bf16_dot_gflops')} GFLOP/s, AMX bf16 {probe.get('amx_bf16_gflops')} "
         f"GFLOP/s ({probe.get('probe_s')} s)")

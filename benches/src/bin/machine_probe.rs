@@ -1,8 +1,9 @@
-//! What this machine can do at best, for `benches/compare/run.py`'s floors: the CPU model and
-//! the instruction sets that matter, the read bandwidth from memory with 1 and N threads, and the
-//! arithmetic peak of N threads (f32 FMA; int8 dot products where AVX-512 VNNI exists; bf16 dot
-//! products where AVX-512 BF16 exists, and on AMX tiles where the CPU has them and Linux grants
-//! them). Prints one JSON object on stdout and takes a few seconds.
+//! What this machine can do at best, for `benches/compare/run.py`'s floors: the CPU model (with its
+//! family and model numbers, `cpu_signature`) and the instruction sets that matter, the read
+//! bandwidth from memory with 1 and N threads, and the arithmetic peak of N threads (f32 FMA; int8
+//! dot products where AVX-512 VNNI exists; bf16 dot products where AVX-512 BF16 exists, and on AMX
+//! tiles where the CPU has them and Linux grants them). Prints one JSON object on stdout and takes
+//! a few seconds.
 //!
 //! ```sh
 //! cargo run --release -p gpt2-benches --bin machine_probe -- --threads 2 --buffer-mib 1024
@@ -99,9 +100,13 @@ fn main() {
     let amx_bf16 = kernels::has_amx_bf16()
         .then(|| peak(threads, kernels::AMX_BF16_FLOPS_PER_ITER, kernels::amx_bf16));
 
-    let (model, cpuinfo_flags) = cpuinfo();
+    let (model, signature, cpuinfo_flags) = cpuinfo();
     let mut out = String::from("{");
     out += &format!("\"cpu_model\":{},", json_string(&model));
+    out += &format!(
+        "\"cpu_signature\":{},",
+        signature.map_or_else(|| "null".to_string(), |s| json_string(&s))
+    );
     out += &format!(
         "\"logical_cpus\":{},\"threads\":{threads},",
         std::thread::available_parallelism().map_or(0, |n| n.get())
@@ -156,8 +161,9 @@ fn json_number(x: Option<f64>) -> String {
     x.map_or_else(|| "null".to_string(), |x| format!("{x:.1}"))
 }
 
-/// The model name and the SIMD-related flags the kernel reports (`/proc/cpuinfo`, Linux).
-fn cpuinfo() -> (String, Vec<String>) {
+/// The model name, the family and model numbers (x86: "AMD EPYC" names Zen 4, family 25, and
+/// Zen 5, family 26, alike) and the SIMD-related flags the kernel reports (`/proc/cpuinfo`, Linux).
+fn cpuinfo() -> (String, Option<String>, Vec<String>) {
     let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |key: &str| {
         text.lines()
@@ -168,6 +174,9 @@ fn cpuinfo() -> (String, Vec<String>) {
     let model = field("model name")
         .or_else(|| field("Model"))
         .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    let signature = field("cpu family")
+        .zip(field("model"))
+        .map(|(family, number)| format!("family {family}, model {number}"));
     let interesting = ["avx", "fma", "amx", "f16c", "sve", "asimd"];
     let flags = field("flags")
         .or_else(|| field("Features"))
@@ -176,7 +185,7 @@ fn cpuinfo() -> (String, Vec<String>) {
         .filter(|f| interesting.iter().any(|p| f.starts_with(p)))
         .map(str::to_string)
         .collect();
-    (model, flags)
+    (model, signature, flags)
 }
 
 /// The highest of `measure`'s results over [`READ_PASSES`] and [`READ_BUDGET`], and the passes.

@@ -486,7 +486,7 @@ pub(super) mod x86 {
         unsafe {
             let bias0 = _mm512_loadu_ps(bias);
             let bias1 = _mm512_loadu_ps(bias.add(16));
-            for (&to, row) in out.iter().zip(&acc) {
+            for (&to, row) in out[..R].iter().zip(&acc) {
                 _mm512_storeu_ps(to, _mm512_add_ps(row[0], bias0));
                 _mm512_storeu_ps(to.add(16), _mm512_add_ps(row[1], bias1));
             }
@@ -528,7 +528,7 @@ pub(super) mod x86 {
         }
         // SAFETY: 64 bias floats, and 64 writable floats at each of the `R` output pointers.
         unsafe {
-            for (&to, row) in out.iter().zip(&acc) {
+            for (&to, row) in out[..R].iter().zip(&acc) {
                 for (v, acc) in row.iter().enumerate() {
                     let bias = _mm512_loadu_ps(bias.add(16 * v));
                     _mm512_storeu_ps(to.add(16 * v), _mm512_add_ps(*acc, bias));
@@ -744,7 +744,7 @@ pub(super) mod x86 {
         unsafe {
             let bias0 = _mm256_loadu_ps(bias);
             let bias1 = _mm256_loadu_ps(bias.add(8));
-            for (&to, row) in out.iter().zip(&acc) {
+            for (&to, row) in out[..R].iter().zip(&acc) {
                 _mm256_storeu_ps(to, _mm256_add_ps(row[0], bias0));
                 _mm256_storeu_ps(to.add(8), _mm256_add_ps(row[1], bias1));
             }
