@@ -156,19 +156,23 @@ trait Microkernel: Copy + Send + Sync {
         prefetch: &[f32],
     );
 
+    /// Whether [`Self::tile_pair_raw`] has a body (for every `rows ≤ FEW_ROWS`).
+    const PAIRS: bool = false;
+
     /// [`Self::tile_raw`] over two panels side by side (`b`, then `b2`: `2 · NR` columns, each
-    /// output the same FMA chain), for `rows ≤ FEW_ROWS`; `false` (nothing done) where the
-    /// kernel has no such body. Two weight streams and twice the independent chains: a decode
-    /// step's one row through one panel ran about 5% below the dot-product kernel it replaced.
+    /// output the same FMA chain), for `rows ≤ FEW_ROWS`, reading the rows of `x` where they are
+    /// (`x[i · k + kk]`, row-major, not packed); `false` (nothing done) where the kernel has no
+    /// such body. Two weight streams and twice the independent chains: a decode step's one row
+    /// through one panel ran about 5% below the dot-product kernel it replaced.
     ///
     /// # Safety
-    /// As [`Self::tile_raw`], with `b2` as `b`, `bias` of `2 · NR` and `2 · NR` writable floats
-    /// at each output pointer.
+    /// As [`Self::tile_raw`], with `x` holding `rows · k` floats in place of `a`, `b2` as `b`,
+    /// `bias` of `2 · NR` and `2 · NR` writable floats at each output pointer.
     #[allow(clippy::too_many_arguments)]
     unsafe fn tile_pair_raw(
         self,
         _rows: usize,
-        _a: &[f32],
+        _x: &[f32],
         _panels: [&[f32]; 2],
         _ldb: usize,
         _k: usize,
@@ -494,13 +498,15 @@ pub(super) mod x86 {
     }
 
     /// [`tile_avx512`] over two panels at once (64 columns, 4 zmm accumulators per row; 6 rows
-    /// use 24 of the 32 registers for them).
+    /// use 24 of the 32 registers for them), with the `R` rows of `x` read in place (row `i` at
+    /// `x + i · k`).
     ///
     /// # Safety
-    /// As [`tile_avx512`], with `b2` as `b`, 64 bias floats and 64 writable floats per output.
+    /// As [`tile_avx512`], with `x` holding `R · k` floats in place of `a`, `b2` as `b`, 64 bias
+    /// floats and 64 writable floats per output.
     #[target_feature(enable = "avx512f")]
     unsafe fn tile_pair_avx512<const R: usize>(
-        a: *const f32,
+        x: *const f32,
         [b, b2]: [*const f32; 2],
         ldb: usize,
         k: usize,
@@ -517,9 +523,8 @@ pub(super) mod x86 {
                     _mm512_loadu_ps(b2.add(kk * ldb)),
                     _mm512_loadu_ps(b2.add(kk * ldb + 16)),
                 ];
-                let ak = a.add(kk * MR_512);
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let x = _mm512_set1_ps(*ak.add(i));
+                    let x = _mm512_set1_ps(*x.add(i * k + kk));
                     for (acc, w) in row.iter_mut().zip(w) {
                         *acc = _mm512_fmadd_ps(x, w, *acc);
                     }
@@ -541,17 +546,19 @@ pub(super) mod x86 {
         const MR: usize = MR_512;
         const NR: usize = 32;
 
+        const PAIRS: bool = true;
+
         unsafe fn tile_pair_raw(
             self,
             rows: usize,
-            a: &[f32],
+            x: &[f32],
             [b, b2]: [&[f32]; 2],
             ldb: usize,
             k: usize,
             bias: &[f32],
             out: &[*mut f32],
         ) -> bool {
-            let (a, panels, bias) = (a.as_ptr(), [b.as_ptr(), b2.as_ptr()], bias.as_ptr());
+            let (a, panels, bias) = (x.as_ptr(), [b.as_ptr(), b2.as_ptr()], bias.as_ptr());
             // SAFETY: `self` exists, so the CPU has AVX-512F; the caller vouches for the lengths,
             // and `rows` picks the body that writes exactly the rows given.
             unsafe {
@@ -908,6 +915,9 @@ trait PanelSource: Sync {
         f: impl FnOnce(&[f32], usize, &[f32]),
     );
 
+    /// Whether [`Self::pair`] gives every pair of whole panels.
+    const PAIRS: bool = false;
+
     /// The two whole `NR`-column panels from `j0` side by side, and their row stride, where the
     /// weights are already packed; `None` otherwise.
     fn pair<K: Microkernel>(&self, _kernel: K, _j0: usize) -> Option<([&[f32]; 2], usize)> {
@@ -947,6 +957,8 @@ struct Prepacked<'a> {
 }
 
 impl PanelSource for Prepacked<'_> {
+    const PAIRS: bool = true;
+
     fn pair<K: Microkernel>(&self, _kernel: K, j0: usize) -> Option<([&[f32]; 2], usize)> {
         let panel_len = PANEL * self.k;
         let panel_of = |j: usize| {
@@ -996,15 +1008,25 @@ fn drive<K: Microkernel, S: PanelSource>(
     let (mr, nr) = (K::MR, K::NR);
     let row_tiles = rows.div_ceil(mr);
     let a_len = mr * k;
+    // The pair tile reads a decode step's few rows straight from `x`, so where every task is a
+    // pair of whole prepacked panels (all of GPT-2's layers; not its LM head, 50,257 wide)
+    // nothing reads them packed and the packing is skipped. It copied them lane by lane at a
+    // stride of `MR` floats (147 KB written for one row of `k` = 3072) on the calling thread
+    // while the other worker waited: one-row matmuls over a step's layers read their weights at
+    // 55–60 GB/s where a plain read of the same matrices got 74–80, and at 81 without it
+    // (5.2 → 4.2 ms a pass in a test on the Zen 5; a greedy 124M request 0.746 → 0.647 s,
+    // `ab.py`, 6 rounds; 3 and 5 rows gained 1–3%).
+    let direct = rows <= FEW_ROWS && K::PAIRS && S::PAIRS && n.is_multiple_of(TASK_PANELS * nr);
+    let packed_rows = if direct { 0 } else { row_tiles };
 
     // `x` in panels of `MR` rows, packed in parallel into the buffer kept from the last call.
     let mut a_buffer =
         std::mem::take(&mut *X_PANELS.lock().unwrap_or_else(PoisonError::into_inner));
-    if a_buffer.len() < row_tiles * a_len + LINE_FLOATS {
-        a_buffer = vec![0.0; row_tiles * a_len + LINE_FLOATS];
+    if a_buffer.len() < packed_rows * a_len + LINE_FLOATS {
+        a_buffer = vec![0.0; packed_rows * a_len + LINE_FLOATS];
     }
     let offset = a_buffer.as_ptr().align_offset(64) % LINE_FLOATS;
-    let a = &mut a_buffer[offset..offset + row_tiles * a_len];
+    let a = &mut a_buffer[offset..offset + packed_rows * a_len];
     let pack_rows = |(t, panel): (usize, &mut [f32])| {
         let r0 = t * mr;
         let count = mr.min(rows - r0);
@@ -1022,8 +1044,8 @@ fn drive<K: Microkernel, S: PanelSource>(
             kernel.pack(&x[r0 * k..(r0 + count) * k], count, k, panel, mr);
         }
     };
-    if row_tiles == 1 {
-        // A decode step's few rows: not worth waking the pool.
+    if packed_rows == 1 {
+        // A few rows: not worth waking the pool.
         a.chunks_mut(a_len).enumerate().for_each(pack_rows);
     } else {
         a.par_chunks_mut(a_len).enumerate().for_each(pack_rows);
@@ -1056,13 +1078,14 @@ fn drive<K: Microkernel, S: PanelSource>(
                         for (pointer, row) in pointers.iter_mut().zip(out.iter_mut()) {
                             *pointer = row[p * nr..p * nr + 2 * nr].as_mut_ptr();
                         }
-                        // SAFETY: `rows ≤ FEW_ROWS` rows of `x` packed in `a`; both panels hold
-                        // `k` rows of `NR` at stride `ldb` (`pair` sliced them so); the bias and
-                        // every output row hold the `2 · NR` columns from `j0` (sliced above).
+                        // SAFETY: `x` holds the `rows ≤ FEW_ROWS` rows of `k` (checked by
+                        // `run_with`); both panels hold `k` rows of `NR` at stride `ldb` (`pair`
+                        // sliced them so); the bias and every output row hold the `2 · NR`
+                        // columns from `j0` (sliced above).
                         let done = unsafe {
                             kernel.tile_pair_raw(
                                 rows,
-                                &a[..a_len],
+                                x,
                                 pair,
                                 ldb,
                                 k,
@@ -1076,6 +1099,11 @@ fn drive<K: Microkernel, S: PanelSource>(
                         }
                     }
                 }
+                // Unreachable in direct mode: its tasks are pairs of whole prepacked panels.
+                assert!(
+                    !direct,
+                    "f32 gemm: the pair of panels at column {j0} did not run"
+                );
                 let count = nr.min(n - j0);
                 let mut bias_panel = [0.0f32; MAX_NR];
                 bias_panel[..count].copy_from_slice(&bias[j0..j0 + count]);

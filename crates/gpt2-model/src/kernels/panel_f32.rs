@@ -219,11 +219,21 @@ mod tests {
     #[test]
     fn prepacked_weights_give_the_packing_gemms_bits_at_every_row_count() {
         let mut seed = 9u32;
-        for (n, k) in [(16, 1), (70, 37), (96, 768), (33, 300)] {
+        // Widths of whole pairs of panels (64, 128, 192) take the decode steps' direct path at up
+        // to 6 rows (`x` read in place), the others the packed one.
+        for (n, k) in [
+            (16, 1),
+            (70, 37),
+            (96, 768),
+            (33, 300),
+            (64, 1),
+            (128, 77),
+            (192, 768),
+        ] {
             let w = values(&mut seed, n * k, 1.0);
             let bias = values(&mut seed, n, 1.0);
             let panels = PanelMatrix::from_out_in(&w, n, k);
-            for rows in [1, 2, 5, 6, 12, 13, 16, 40] {
+            for rows in [1, 2, 3, 4, 5, 6, 7, 12, 13, 16, 40] {
                 let x = values(&mut seed, rows * k, 1.0);
                 let expected = gemm_with(Isa::Portable, &x, rows, &w, n, k, &bias);
                 for isa in Isa::available() {
