@@ -592,9 +592,14 @@ fn store<const RG: usize, const CG: usize>(
                     *w = _mm512_loadu_si512(
                         weights.add((c * quads + quad) * LANES * QUAD) as *const _
                     );
-                    if r == 0 {
+                    if r == 0 && CG < 4 {
                         // The first row group asks for the next groups' line into L2 (as the f32
-                        // kernel does); past the matrix's end a prefetch is a no-op.
+                        // kernel does); past the matrix's end a prefetch is a no-op. Not for four
+                        // groups (1–3 rows): their four streams keep the memory busy on their
+                        // own, and the prefetches' fill buffers held the loads back. Zen 5, a
+                        // step's layers in a pool thread: 1 row 41 → 49 GB/s, 3 rows 42 → 44;
+                        // 5 rows (two groups) lost 23% without them. 124M greedy q8_0 request
+                        // 0.299 → 0.270 s (`ab.py`, 6 rounds, faster in all), default ×0.984.
                         let next = weights.wrapping_add(((CG + c) * quads + quad) * LANES * QUAD);
                         _mm_prefetch::<_MM_HINT_T1>(next as *const i8);
                     }
